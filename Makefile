@@ -1,0 +1,45 @@
+# Every command of the project. A fresh CPU machine needs only python3 (3.10+)
+# and pip; nvcc is optional (with it, fastllm._C gets its CUDA kernels).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU build of PyTorch; on a CUDA machine install torch first and use `make install-gpu`.
+TORCH  ?= torch==2.13.0
+
+.PHONY: all install install-gpu run test lint format bench gpu-check clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+
+# main job on the built-in default: what this machine has, then the microbenchmarks
+run: install
+	$(VENV)/bin/fastllm doctor
+	$(VENV)/bin/fastllm bench --quick
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check fastllm tests bench setup.py
+
+format: install
+	$(VENV)/bin/ruff format fastllm tests bench setup.py
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(VENV)/bin/fastllm bench
+
+# on a GPU machine with torch and triton already installed (no network needed)
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build dist *.egg-info fastllm/_C*.so fastllm-bench-results

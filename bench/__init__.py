@@ -1,0 +1,1 @@
+"""Microbenchmarks of fastllm (importable as fastllm.bench; run with `fastllm bench`)."""

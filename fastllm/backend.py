@@ -1,0 +1,212 @@
+"""Which backend serves each call.
+
+Backends, in the order they are tried:
+
+    cuda       hand-written CUDA kernels in fastllm._C          CUDA tensors
+    triton     Triton kernels in fastllm.triton_kernels          CUDA tensors (CPU under TRITON_INTERPRET=1, forced only)
+    torch      the fastest PyTorch-native path                   any device
+    reference  the oracle in fastllm.reference                   any device, never chosen automatically
+
+Each op registers one implementation per backend with a `supports(*args, **kwargs)`
+check that returns None when it can serve the inputs, or a reason string when it
+cannot. Per call, the first backend in the order above that is available here and
+supports the inputs wins; an unsupported call falls back for that call only.
+
+Forcing a backend (`FASTLLM_BACKEND=triton`, or `with fastllm.use_backend("triton"):`)
+skips the search: a forced backend that cannot serve a call raises
+`BackendError` saying why, never falls back.
+
+Every choice is recorded: `last_backend(op)` gives the latest one for an op, and
+`with fastllm.backend.trace() as calls:` collects `(op, backend)` pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch", "reference")
+_GPU_ORDER = ("cuda", "triton", "torch")
+_CPU_ORDER = ("torch",)
+
+
+class BackendError(RuntimeError):
+    """A forced backend cannot serve a call, or no backend can."""
+
+
+@dataclass(frozen=True)
+class Impl:
+    fn: Callable
+    supports: Callable[..., str | None]
+
+
+_REGISTRY: dict[str, dict[str, Impl]] = {}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fastllm_backend", default=None
+)
+_traces: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar(
+    "fastllm_traces", default=()
+)
+_last: dict[str, str] = {}
+
+
+def _always(*args, **kwargs) -> str | None:
+    return None
+
+
+def register(op: str, backend: str, *, supports: Callable[..., str | None] = _always):
+    """Decorator: `fn` implements `op` on `backend` for the inputs `supports` accepts."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def wrap(fn: Callable) -> Callable:
+        _REGISTRY.setdefault(op, {})[backend] = Impl(fn, supports)
+        return fn
+
+    return wrap
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backends_of(op: str) -> list[str]:
+    return [b for b in BACKENDS if b in _REGISTRY.get(op, {})]
+
+
+def implementation(op: str, backend: str) -> Callable:
+    try:
+        return _REGISTRY[op][backend].fn
+    except KeyError:
+        raise BackendError(
+            f"op {op!r} has no {backend!r} implementation; it has {backends_of(op)}"
+        ) from None
+
+
+# --- what this machine has ------------------------------------------------------------
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
+    """None if `backend` can run here on tensors of `device`, else why not."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("torch", "reference"):
+        return None
+    if backend == "cuda":
+        from fastllm import native
+
+        if native.load_error() is not None:
+            return f"fastllm._C is not importable ({native.load_error()})"
+        if not native.with_cuda():
+            return "fastllm._C was built without CUDA (no nvcc at build time)"
+        if not torch.cuda.is_available():
+            return "PyTorch sees no CUDA GPU"
+        if device is not None and device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
+        return None
+    # triton
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device is not None and device.type == "cpu":
+        if not triton_interpreted():
+            return "triton runs CPU tensors only under TRITON_INTERPRET=1"
+        return None
+    if device is not None and device.type != "cuda":
+        return f"triton needs CUDA tensors, got {device.type} tensors"
+    if device is None and not torch.cuda.is_available() and not triton_interpreted():
+        return "PyTorch sees no CUDA GPU (and TRITON_INTERPRET is not set)"
+    return None
+
+
+# --- forcing --------------------------------------------------------------------------
+
+
+def forced_backend() -> str | None:
+    """The backend forced by `use_backend` or else by FASTLLM_BACKEND, or None."""
+    name = _forced.get()
+    if name is None:
+        name = os.environ.get("FASTLLM_BACKEND") or None
+        if name is not None and name not in BACKENDS:
+            raise BackendError(
+                f"FASTLLM_BACKEND={name!r} is not a backend; expected one of {BACKENDS}"
+            )
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force `name` for every op inside the block (None: automatic choice)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+# --- choosing and recording -----------------------------------------------------------
+
+
+def why_not(op: str, backend: str, device: torch.device, *args, **kwargs) -> str | None:
+    """None if `backend` can serve this call of `op`, else the reason."""
+    impl = _REGISTRY.get(op, {}).get(backend)
+    if impl is None:
+        return f"{op} has no {backend} implementation"
+    reason = unavailable_reason(backend, device)
+    if reason is None:
+        reason = impl.supports(*args, **kwargs)
+    return reason
+
+
+def select(op: str, device: torch.device, *args, **kwargs) -> str:
+    """The backend that serves this call of `op` (recorded for `last_backend`/`trace`)."""
+    forced = forced_backend()
+    if forced is not None:
+        reason = why_not(op, forced, device, *args, **kwargs)
+        if reason is not None:
+            raise BackendError(
+                f"fastllm.ops.{op}: backend {forced!r} is forced but cannot serve this call: {reason}"
+            )
+        chosen = forced
+    else:
+        order = _GPU_ORDER if device.type == "cuda" else _CPU_ORDER
+        reasons = {}
+        for name in order:
+            reasons[name] = why_not(op, name, device, *args, **kwargs)
+            if reasons[name] is None:
+                chosen = name
+                break
+        else:
+            detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
+            raise BackendError(f"fastllm.ops.{op}: no backend can serve this call ({detail})")
+    _last[op] = chosen
+    for calls in _traces.get():
+        calls.append((op, chosen))
+    return chosen
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that served the latest call of `op` in this process, if any."""
+    return _last.get(op)
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[list[tuple[str, str]]]:
+    """Collects `(op, backend)` for every op call inside the block."""
+    calls: list[tuple[str, str]] = []
+    token = _traces.set(_traces.get() + (calls,))
+    try:
+        yield calls
+    finally:
+        _traces.reset(token)

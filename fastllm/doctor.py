@@ -1,0 +1,79 @@
+"""`fastllm doctor`: what this machine has, and which backend can serve which op."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+
+import torch
+
+from fastllm import backend, native
+
+
+def _version(module: str) -> str:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError as e:
+        return f"not installed ({e})"
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}" if v else "none"
+
+
+def report() -> list[str]:
+    lines = [
+        f"fastllm      {importlib.import_module('fastllm').__version__}",
+        f"python       {platform.python_version()} ({sys.executable})",
+        f"torch        {torch.__version__} (built with CUDA {torch.version.cuda or 'none'})",
+        f"triton       {_version('triton')}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            lines.append(
+                f"gpu {i}        {torch.cuda.get_device_name(i)} (compute capability {major}.{minor})"
+            )
+    else:
+        lines.append("gpu          none visible to PyTorch")
+
+    if native.load_error() is not None:
+        lines.append(f"fastllm._C   not available: {native.load_error()}")
+    elif not native.with_cuda():
+        lines.append("fastllm._C   built without CUDA kernels (no nvcc at build time)")
+    else:
+        C = native.module()
+        lines.append(
+            f"fastllm._C   built with CUDA kernels for {', '.join(native.cuda_archs())}; "
+            f"CUDA runtime {_cuda_version(C.cuda_runtime_version())} (static), "
+            f"driver {_cuda_version(C.cuda_driver_version())}, {C.cuda_device_count()} device(s)"
+        )
+    forced = backend.forced_backend()
+    lines.append(
+        f"forced       {forced or 'no (FASTLLM_BACKEND unset): first backend that supports a call'}"
+    )
+    if backend.triton_interpreted():
+        lines.append(
+            "interpreter  TRITON_INTERPRET=1: Triton kernels run on the CPU (slow; for tests)"
+        )
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lines.append("")
+    lines.append(
+        f"backends for {device.type} tensors (per op; first available wins, reference never automatic):"
+    )
+    for op in backend.ops():
+        lines.append(f"  {op}")
+        for name in backend.BACKENDS:
+            if name not in backend.backends_of(op):
+                lines.append(f"    {name:<10} -  no implementation")
+                continue
+            reason = backend.unavailable_reason(name, device)
+            lines.append(f"    {name:<10} {'ok' if reason is None else '-  ' + reason}")
+    return lines
+
+
+def main() -> int:
+    print("\n".join(report()))
+    return 0

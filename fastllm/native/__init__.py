@@ -1,0 +1,60 @@
+"""Loading fastllm._C and passing tensors to it as raw pointers.
+
+fastllm._C includes no PyTorch headers (see setup.py): the launchers here check
+what the kernels assume (device, dtype, unit stride on the last dimension),
+then pass `data_ptr()`s, sizes, strides and the current CUDA stream as integers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3, torch.int32: 4}
+
+_module = None
+_error: str | None = None
+_loaded = False
+
+
+def _load() -> None:
+    global _module, _error, _loaded
+    if _loaded:
+        return
+    _loaded = True
+    try:
+        from fastllm import _C
+    except ImportError as e:  # not built (no compiler) or built for another Python
+        _error = str(e)
+    else:
+        _module = _C
+
+
+def module():
+    """fastllm._C, or raises ImportError with the reason it could not be loaded."""
+    _load()
+    if _module is None:
+        raise ImportError(f"fastllm._C is not available: {_error}")
+    return _module
+
+
+def load_error() -> str | None:
+    _load()
+    return _error
+
+
+def with_cuda() -> bool:
+    _load()
+    return _module is not None and bool(_module.with_cuda)
+
+
+def cuda_archs() -> list[str]:
+    _load()
+    return list(_module.cuda_archs()) if _module is not None else []
+
+
+def stream_of(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]

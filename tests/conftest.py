@@ -1,0 +1,49 @@
+"""Test set-up shared by every test file.
+
+Without a GPU, Triton kernels run under the interpreter on CPU tensors: the
+variable must be set before triton is first imported, so it is set here.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastllm import backend  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_unforce(monkeypatch):
+    # every test draws fresh inputs from its own seed, and starts unforced
+    monkeypatch.delenv("FASTLLM_BACKEND", raising=False)
+    torch.manual_seed(hash(os.environ.get("PYTEST_CURRENT_TEST", "")) % (2**31))
+
+
+def available_backends(op: str, device: torch.device = DEVICE) -> list[str]:
+    """Backends of `op` that can run on `device` here (triton under the interpreter on CPU)."""
+    return [b for b in backend.backends_of(op) if backend.unavailable_reason(b, device) is None]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; inf when out holds a NaN."""
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)

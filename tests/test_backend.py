@@ -1,0 +1,77 @@
+"""fastllm.backend: per-call choice, forcing, errors, tracing."""
+
+import pytest
+import torch
+from conftest import HAS_GPU
+
+import fastllm
+from fastllm import backend
+
+
+def test_cpu_call_is_served_by_torch():
+    fastllm.ops.quantize_per_token(torch.randn(2, 8))
+    assert fastllm.last_backend("quantize_per_token") == "torch"
+
+
+def test_trace_records_each_call():
+    with backend.trace() as calls:
+        fastllm.ops.quantize_per_token(torch.randn(2, 8))
+        with fastllm.use_backend("reference"):
+            fastllm.ops.quantize_per_token(torch.randn(2, 8))
+    assert calls == [("quantize_per_token", "torch"), ("quantize_per_token", "reference")]
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only error")
+def test_forced_cuda_on_cpu_tensor_raises(monkeypatch):
+    monkeypatch.setenv("FASTLLM_BACKEND", "cuda")
+    with pytest.raises(backend.BackendError, match="'cuda' is forced but cannot serve"):
+        fastllm.ops.quantize_per_token(torch.randn(2, 8))
+
+
+def test_forced_triton_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with (
+        fastllm.use_backend("triton"),
+        pytest.raises(backend.BackendError, match="TRITON_INTERPRET"),
+    ):
+        fastllm.ops.quantize_per_token(torch.randn(2, 8))
+
+
+def test_env_var_and_context_manager(monkeypatch):
+    monkeypatch.setenv("FASTLLM_BACKEND", "reference")
+    fastllm.ops.quantize_per_token(torch.randn(2, 8))
+    assert fastllm.last_backend("quantize_per_token") == "reference"
+    with fastllm.use_backend("torch"):  # the context manager wins over the variable
+        fastllm.ops.quantize_per_token(torch.randn(2, 8))
+    assert fastllm.last_backend("quantize_per_token") == "torch"
+
+
+def test_unknown_backend_names(monkeypatch):
+    with pytest.raises(ValueError, match="'tpu'"):
+        with fastllm.use_backend("tpu"):
+            pass
+    monkeypatch.setenv("FASTLLM_BACKEND", "tpu")
+    with pytest.raises(backend.BackendError, match="FASTLLM_BACKEND='tpu'"):
+        fastllm.ops.quantize_per_token(torch.randn(2, 8))
+
+
+def test_unsupported_call_falls_back_per_call():
+    calls = []
+
+    @backend.register("_test_op", "torch", supports=lambda x: "x too large" if x > 1 else None)
+    def _small(x):
+        calls.append("torch")
+        return x
+
+    @backend.register("_test_op", "reference")
+    def _ref(x):
+        calls.append("reference")
+        return x
+
+    # reference is never chosen automatically: a call torch can't serve is an error
+    assert backend.select("_test_op", torch.device("cpu"), 0) == "torch"
+    with pytest.raises(backend.BackendError, match="x too large"):
+        backend.select("_test_op", torch.device("cpu"), 2)
+    with fastllm.use_backend("reference"):
+        assert backend.select("_test_op", torch.device("cpu"), 2) == "reference"
+    backend._REGISTRY.pop("_test_op")

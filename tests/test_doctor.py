@@ -1,0 +1,29 @@
+"""`fastllm doctor` tells the truth about this machine."""
+
+import subprocess
+import sys
+
+import torch
+
+from fastllm import doctor, native
+
+
+def test_doctor_reports_what_is_here():
+    text = "\n".join(doctor.report())
+    assert torch.__version__ in text
+    if torch.cuda.is_available():
+        assert torch.cuda.get_device_name(0) in text
+    else:
+        assert "gpu          none visible to PyTorch" in text
+        assert "cuda       -  PyTorch sees no CUDA GPU" in text
+    if native.load_error() is None and native.with_cuda():
+        assert "sm_" in text
+    assert "quantize_per_token" in text
+
+
+def test_cli_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "fastllm", "doctor"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "backends for" in out.stdout
