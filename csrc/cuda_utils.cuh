@@ -1,10 +1,11 @@
 // Helpers shared by the CUDA sources.
 #pragma once
 #include <cuda_bf16.h>
+#include <cstdint>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "fastllm.h"
+#include "dtype.h"
 
 namespace fastllm {
 

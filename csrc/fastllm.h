@@ -1,25 +1,31 @@
-// Interface between the pybind11 bindings (plain C++, no CUDA or PyTorch headers)
-// and the CUDA launchers. Tensors arrive as device pointers (uintptr_t), sizes and
-// strides in elements, and the CUDA stream as an integer handle.
+// Shared declarations of fastllm._C: element types, runtime queries, and the
+// bind_<family>(module) functions that csrc/bindings.cpp calls.
 //
-// Every launcher returns nullptr on success or a static error string; the bindings
-// turn that into a Python RuntimeError.
+// Launchers take device pointers (uintptr_t), sizes and strides in elements and
+// the CUDA stream as an integer handle, and return nullptr on success or a static
+// error string (see check() below). Each family declares its launchers in
+// csrc/<family>/<family>.h, which must include no CUDA or PyTorch header.
 #pragma once
+#include <pybind11/pybind11.h>
+
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "dtype.h"
 
 namespace fastllm {
-
-// Element types, numbered as in fastllm/native/__init__.py (DTYPE_CODES).
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt8 = 3, kInt32 = 4 };
 
 // Runtime information (runtime.cu).
 int cuda_device_count();
 int cuda_runtime_version();
 int cuda_driver_version();
 
-// quant/quantize_per_token.cu
-const char* quantize_per_token(uintptr_t x, int x_dtype, int64_t rows, int64_t cols,
-                               int64_t stride_x_row, uintptr_t x_int8, uintptr_t scale,
-                               uintptr_t stream);
+// Raises a Python RuntimeError when a launcher reports an error.
+inline void check(const char* err) {
+  if (err != nullptr) throw std::runtime_error(std::string("fastllm._C: ") + err);
+}
+
+void bind_quant(pybind11::module_& m);
 
 }  // namespace fastllm

@@ -8,6 +8,7 @@
 // x rows may be strided (stride_x_row); the last dimension is contiguous.
 // The reference is fastllm/reference/quant.py.
 #include "cuda_utils.cuh"
+#include "quant/quant.h"
 
 namespace fastllm {
 namespace {
