@@ -47,3 +47,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     denom = ref.norm().item()
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def poison_empty(monkeypatch) -> None:
+    """Make torch.empty return garbage (NaN for floats, 99 for int8, -7 for other ints) so
+    that output elements a kernel forgot to write show up in the comparison."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype == torch.int8:
+            t.fill_(99)
+        elif t.dtype != torch.bool:
+            t.fill_(-7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE, available_backends
+from conftest import DEVICE, available_backends, poison_empty
 
 import fastllm
 from fastllm import reference
@@ -20,21 +20,6 @@ def _run(x, name):
     return out
 
 
-def _poison(monkeypatch):
-    """Fill every fresh output with garbage so that unwritten elements show."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.dtype == torch.int8:
-            t.fill_(99)
-        elif t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 def test_backends_include_triton_and_torch():
     # the README's test command must exercise the Triton kernels on a CPU machine too
     assert {"torch", "reference", "triton"} <= set(BACKENDS)
@@ -46,7 +31,7 @@ def test_backends_include_triton_and_torch():
 def test_matches_reference(name, dtype, shape, monkeypatch):
     x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
     ref_q, ref_s = reference.quantize_per_token(x)
-    _poison(monkeypatch)
+    poison_empty(monkeypatch)
     q, s = _run(x, name)
     assert q.shape == x.shape and q.dtype == torch.int8
     assert s.shape == x.shape[:-1] and s.dtype == torch.float32
@@ -144,7 +129,7 @@ def test_gpu_real_sizes(name, dtype, shape, monkeypatch):
     x = (torch.randn(shape, device="cuda") * 2).to(dtype)
     x[0, 3] = 1e4
     ref_q, ref_s = reference.quantize_per_token(x)
-    _poison(monkeypatch)
+    poison_empty(monkeypatch)
     q, s = _run(x, name)
     assert torch.equal(s, ref_s)
     assert torch.equal(q, ref_q)
