@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # CPU build of PyTorch; on a CUDA machine install torch first and use `make install-gpu`.
 TORCH  ?= torch==2.13.0
 
-.PHONY: all install install-gpu run test lint format bench gpu-check clean
+.PHONY: all install build run test lint format bench gpu-check clean
 
 all: test
 
@@ -17,6 +17,10 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+
+# rebuild fastllm._C in place, showing every compiler command (pip install hides them)
+build: install
+	$(PY) setup.py build_ext --inplace
 
 # main job on the built-in default: what this machine has, then the microbenchmarks
 run: install

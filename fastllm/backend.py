@@ -115,7 +115,11 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
         return None
     # triton
-    if importlib.util.find_spec("triton") is None:
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        found = False
+    if not found:
         return "triton is not installed (pip install triton)"
     if device is not None and device.type == "cpu":
         if not triton_interpreted():

@@ -1,5 +1,8 @@
 """fastllm.backend: per-call choice, forcing, errors, tracing."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import HAS_GPU
@@ -75,3 +78,19 @@ def test_unsupported_call_falls_back_per_call():
     with fastllm.use_backend("reference"):
         assert backend.select("_test_op", torch.device("cpu"), 2) == "reference"
     backend._REGISTRY.pop("_test_op")
+
+
+def test_imports_and_runs_without_triton():
+    # `import fastllm` must work where triton is missing; doctor then says so
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fastllm\n"
+        "from fastllm import backend, doctor\n"
+        "q, s = fastllm.ops.quantize_per_token(torch.randn(3, 5))\n"
+        "assert fastllm.last_backend('quantize_per_token') == 'torch'\n"
+        "assert 'not installed' in backend.unavailable_reason('triton', torch.device('cpu'))\n"
+        "print('\\n'.join(doctor.report()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "triton is not installed" in out.stdout
