@@ -4,6 +4,7 @@ Each op is also a `torch.library` custom op in the `fastllm` namespace
 (`torch.ops.fastllm.<name>`) with a fake implementation for torch.compile.
 """
 
+from fastllm.ops.attention import attention, decode_attention, kv_cache_append
 from fastllm.ops.quant import quantize_per_token
 
-__all__ = ["quantize_per_token"]
+__all__ = ["attention", "decode_attention", "kv_cache_append", "quantize_per_token"]

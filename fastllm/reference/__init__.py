@@ -1,6 +1,7 @@
 """Pure-PyTorch versions of every fastllm op: the CPU fallback's oracle and the
 tests' ground truth. Written for clarity, not speed; usable in float64."""
 
+from fastllm.reference.attention import attention, decode_attention, kv_cache_append
 from fastllm.reference.quant import quantize_per_token
 
-__all__ = ["quantize_per_token"]
+__all__ = ["attention", "decode_attention", "kv_cache_append", "quantize_per_token"]
