@@ -87,3 +87,76 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         )
     q, scale = _quantize_per_token_op(rows_view(x))
     return q.view(x.shape), scale.view(x.shape[:-1])
+
+
+# --- quantize_per_channel ----------------------------------------------------------------
+# Per channel along `dim` is per row of w moved to [C, rest]: each backend reuses its
+# quantize_per_token implementation on that view.
+
+
+def _channel_rows(w: torch.Tensor, dim: int) -> torch.Tensor:
+    return w.movedim(dim, 0).reshape(w.shape[dim], -1).contiguous()
+
+
+def _per_channel_impl(name: str):
+    def run(w, dim):
+        per_token = backend.implementation("quantize_per_token", name)
+        q2, scale = per_token(_channel_rows(w, dim))
+        moved = w.movedim(dim, 0).shape
+        return q2.view(moved).movedim(0, dim).contiguous(), scale
+
+    return run
+
+
+for _name in ("reference", "torch", "triton", "cuda"):
+    backend.register("quantize_per_channel", _name)(_per_channel_impl(_name))
+
+
+@torch.library.custom_op("fastllm::quantize_per_channel", mutates_args=())
+def _quantize_per_channel_op(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    name = backend.select("quantize_per_channel", w.device, w, dim)
+    return backend.implementation("quantize_per_channel", name)(w, dim)
+
+
+@_quantize_per_channel_op.register_fake
+def _(w, dim):
+    return (
+        torch.empty(w.shape, dtype=torch.int8, device=w.device),
+        torch.empty((w.shape[dim],), dtype=torch.float32, device=w.device),
+    )
+
+
+def quantize_per_channel(w: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization per channel along `dim` (per output channel of a weight).
+
+    Args:
+        w: float32, float16 or bfloat16 tensor with at least 1 dimension, any strides
+            (a linear weight [N, K] with dim=0: one scale per output row).
+        dim: the channel dimension (negative values count from the end).
+
+    Returns:
+        w_int8: w's shape, int8, contiguous, ``clamp(round(w / scale), -127, 127)``
+            with scale broadcast along `dim`, rounding half to even.
+        scale: (w.shape[dim],) float32, ``amax(|w|)`` over every other dimension ``/ 127``.
+
+    A channel whose scale would be 0 gets scale 1.0 and quantizes to zeros. Empty
+    channels (some other dimension of size 0) get scale 1.0.
+
+    Raises TypeError for non-tensors, non-float dtypes and a non-int dim; ValueError for
+    0-d tensors and a dim out of range.
+    """
+    check_tensor("w", w, dtypes=FLOAT_DTYPES, min_dim=1)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -w.dim() <= dim < w.dim():
+        raise ValueError(
+            f"dim {dim} is out of range for w of shape {tuple(w.shape)}; "
+            f"expected -{w.dim()} <= dim < {w.dim()}"
+        )
+    dim = dim % w.dim()
+    if w.numel() == 0:
+        return (
+            torch.empty(w.shape, dtype=torch.int8, device=w.device),
+            torch.ones((w.shape[dim],), dtype=torch.float32, device=w.device),
+        )
+    return _quantize_per_channel_op(w, dim)

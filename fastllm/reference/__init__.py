@@ -2,14 +2,25 @@
 tests' ground truth. Written for clarity, not speed; usable in float64."""
 
 from fastllm.reference.attention import attention, decode_attention, kv_cache_append
-from fastllm.reference.quant import quantize_per_token
+from fastllm.reference.int8 import (
+    int8_dynamic_linear,
+    int8_linear,
+    int8_matmul_int32,
+    int8_weight_only_linear,
+)
+from fastllm.reference.quant import quantize_per_channel, quantize_per_token
 from fastllm.reference.sparse import block_sparse_linear, sparse24_linear
 
 __all__ = [
     "attention",
     "block_sparse_linear",
     "decode_attention",
+    "int8_dynamic_linear",
+    "int8_linear",
+    "int8_matmul_int32",
+    "int8_weight_only_linear",
     "kv_cache_append",
+    "quantize_per_channel",
     "quantize_per_token",
     "sparse24_linear",
 ]
