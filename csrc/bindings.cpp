@@ -48,4 +48,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_archs", &cuda_archs, "CUDA architectures the kernels were compiled for");
 
   fastllm::bind_quant(m);
+  fastllm::bind_attention(m);
 }

@@ -27,5 +27,6 @@ inline void check(const char* err) {
 }
 
 void bind_quant(pybind11::module_& m);
+void bind_attention(pybind11::module_& m);
 
 }  // namespace fastllm
