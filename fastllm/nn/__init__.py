@@ -1,3 +1,5 @@
 """Drop-in modules built on the fastllm ops (constructors: from_linear / from_module)."""
 
-__all__: list[str] = []
+from fastllm.nn.sparse import BlockSparseLinear, Sparse24Linear
+
+__all__: list[str] = ["BlockSparseLinear", "Sparse24Linear"]

@@ -249,7 +249,8 @@ def block_sparse_linear(
         )
     from fastllm.sparse.format import check_block_sparse
 
-    N, K = check_block_sparse(weight_bsr, contents=weight_bsr.blocks.device.type == "cpu")
+    on_cpu = weight_bsr.blocks.device.type == "cpu"
+    N, K = check_block_sparse(weight_bsr, contents=on_cpu and not torch.compiler.is_compiling())
     _check_x(x, K, FLOAT_DTYPES)
     if weight_bsr.blocks.dtype != x.dtype:
         raise TypeError(
