@@ -2,6 +2,7 @@
 
     import fastllm
     x_int8, scale = fastllm.ops.quantize_per_token(x)
+    model = fastllm.optimize(model, linear="w8a8")     # swap a model's layers in place
 
 Backends are chosen per call (see fastllm.backend); `fastllm doctor` says which
 are available on this machine.
@@ -9,7 +10,21 @@ are available on this machine.
 
 from fastllm import backend, ops
 from fastllm.backend import BackendError, last_backend, use_backend
+from fastllm.optimize import LinearConfig, optimize, report
+from fastllm.serialize import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "__version__", "backend", "last_backend", "ops", "use_backend"]
+__all__ = [
+    "BackendError",
+    "LinearConfig",
+    "__version__",
+    "backend",
+    "last_backend",
+    "load",
+    "ops",
+    "optimize",
+    "report",
+    "save",
+    "use_backend",
+]

@@ -1,0 +1,602 @@
+"""`fastllm.optimize(model)`: swap a model's layers for fastllm's in place.
+
+    model = fastllm.optimize(model)                              # fused attention only
+    model = fastllm.optimize(model, linear="w8a8", calibration=batches)   # + SmoothQuant int8
+    model = fastllm.optimize(model, linear="block", density=0.3, block_size=(32, 32))
+    print(fastllm.report(model))                                 # what was swapped, what served
+
+Attention: a transformers model is switched to the "fastllm" attention implementation
+through transformers' AttentionInterface and mask interface (fastllm.hf); an
+`nn.MultiheadAttention` (also inside `nn.TransformerEncoderLayer`) becomes a
+`fastllm.nn.FusedMultiheadAttention`.
+
+Linear layers (`nn.Linear`, and transformers' GPT-2 `Conv1D`) become, by `linear=`:
+
+    "w8a8"       Int8Linear, int8 weights and per-token int8 activations (SmoothQuant
+                 with calibration batches, plain per-token quantization without)
+    "w8a16"      Int8Linear, int8 weights, float activations
+    "2:4"        Sparse24Linear, 2 of every 4 weights kept (Wanda with calibration
+                 batches, magnitude without)
+    "block"      BlockSparseLinear, `density` of the `block_size` tiles kept
+    "2:4+w8a8"   Sparse24Linear over int8 values (when the sparse family provides it)
+
+Layers named in `skip` (default: `lm_head`, whose precision matters most) stay in
+float, as do layers `filter_fn(name, module)` rejects and layers whose shape the
+target module does not take; the report says which and why. A model already
+optimized is left as it is; calling optimize again only swaps what is still float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastllm import backend as _backend
+
+LINEAR_KINDS = ("w8a8", "w8a16", "2:4", "block", "2:4+w8a8")
+METHODS = ("magnitude", "wanda")
+
+_REPORT_ATTR = "_fastllm_report"
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """How linear layers are swapped. `fastllm.optimize(model, linear="block", density=0.3)`
+    builds one from keyword options; pass one as `linear=` to reuse it.
+
+    kind:        one of LINEAR_KINDS
+    smoothquant: w8a8 only. None: SmoothQuant when calibration batches are given;
+                 True: require them; False: never (plain per-token quantization)
+    alpha:       SmoothQuant migration strength in [0, 1]
+    method:      sparse only. None: "wanda" with calibration batches, else "magnitude"
+    density:     block only: fraction of tiles kept, in (0, 1]
+    block_size:  block only: (rows, cols) of a tile; must divide the layer's shape
+    skip:        layer names kept in float: a name matches a layer whose qualified name
+                 equals it or ends with "." + it
+    """
+
+    kind: str
+    smoothquant: bool | None = None
+    alpha: float = 0.5
+    method: str | None = None
+    density: float = 0.5
+    block_size: tuple[int, int] = (64, 64)
+    skip: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        if self.kind not in LINEAR_KINDS:
+            raise ValueError(f"linear must be None or one of {LINEAR_KINDS}, got {self.kind!r}")
+        if self.smoothquant not in (None, True, False):
+            raise ValueError(f"smoothquant must be None, True or False, got {self.smoothquant!r}")
+        if not (isinstance(self.alpha, int | float) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method must be None or one of {METHODS}, got {self.method!r}")
+        if not (isinstance(self.density, int | float) and 0.0 < self.density <= 1.0):
+            raise ValueError(f"density must be a number in (0, 1], got {self.density!r}")
+        bs = tuple(self.block_size) if isinstance(self.block_size, list | tuple) else None
+        if bs is None or len(bs) != 2 or not all(isinstance(b, int) and b > 0 for b in bs):
+            raise ValueError(
+                f"block_size must be a pair of positive ints (rows, cols), got {self.block_size!r}"
+            )
+        object.__setattr__(self, "block_size", bs)
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise ValueError(f"skip must be a tuple of layer names, got {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if self.smoothquant and self.kind not in ("w8a8", "2:4+w8a8"):
+            raise ValueError(f"smoothquant=True applies to w8a8, not linear={self.kind!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["block_size"] = list(self.block_size)
+        d["skip"] = list(self.skip)
+        return d
+
+
+LINEAR_OPTIONS = tuple(f.name for f in dataclasses.fields(LinearConfig) if f.name != "kind")
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+@dataclass
+class LayerEntry:
+    name: str
+    kind: str  # "attention" | "linear"
+    action: str  # "swapped" | "kept" (already fastllm) | "skipped"
+    before: str
+    after: str | None = None
+    reason: str | None = None
+    backend: str | None = None  # filled in by report(model) after a forward pass
+
+
+@dataclass
+class Report:
+    """What `optimize` did to a model; `fastllm.report(model)` fills in the backends
+    that served each layer in the latest forward pass."""
+
+    options: dict
+    layers: list[LayerEntry] = field(default_factory=list)
+    calibration: str = "none"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def swapped(self) -> list[LayerEntry]:
+        return [e for e in self.layers if e.action == "swapped"]
+
+    @property
+    def skipped(self) -> list[LayerEntry]:
+        return [e for e in self.layers if e.action == "skipped"]
+
+    def backends(self) -> dict[str, int]:
+        """{backend: number of layers it served in the latest forward pass}."""
+        counts: dict[str, int] = {}
+        for e in self.layers:
+            if e.backend:
+                counts[e.backend] = counts.get(e.backend, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict:
+        return {
+            "options": self.options,
+            "calibration": self.calibration,
+            "notes": list(self.notes),
+            "layers": [dataclasses.asdict(e) for e in self.layers],
+        }
+
+    def __str__(self) -> str:
+        n_swapped, n_skipped = len(self.swapped), len(self.skipped)
+        lines = [
+            f"fastllm.optimize: {n_swapped} layers swapped, {n_skipped} skipped, "
+            f"{len(self.layers) - n_swapped - n_skipped} already fastllm",
+            f"  options: {self.options}",
+            f"  calibration: {self.calibration}",
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        for e in self.layers:
+            what = f"{e.before} -> {e.after}" if e.after else e.before
+            extra = f" ({e.reason})" if e.reason else ""
+            served = f" [served by {e.backend}]" if e.backend else ""
+            lines.append(f"  {e.action:<8} {e.kind:<9} {e.name}: {what}{extra}{served}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def report(model: nn.Module) -> Report:
+    """The report of `optimize` on `model`, with the backend that served each layer in
+    its latest forward pass (None for layers not run since). ValueError if `model` was
+    not optimized."""
+    rep = getattr(model, _REPORT_ATTR, None)
+    if rep is None:
+        raise ValueError(
+            f"{type(model).__name__} was not optimized by fastllm.optimize (no report attached)"
+        )
+    modules = dict(model.named_modules())
+    for e in rep.layers:
+        m = modules.get(e.name)
+        if m is None:
+            continue
+        if e.kind == "attention" and e.after == "fastllm (transformers)":
+            e.backend = _hf_backends(model)
+        else:
+            e.backend = getattr(m, "last_backend", None) or getattr(m, "fastllm_backend", None)
+    return rep
+
+
+def _hf_backends(model: nn.Module) -> str | None:
+    from fastllm import hf
+
+    served = sorted({m.fastllm_backend for _, m in hf.attention_modules(model)})
+    return ", ".join(served) if served else None
+
+
+# --- module families (imported when needed; a family not built yet says so) ----------------
+
+
+def _family(attr: str, where: str, option: str):
+    import importlib
+
+    module = importlib.import_module(where)
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise NotImplementedError(
+            f"{option} needs {where}.{attr}, which is not available in this version of fastllm yet"
+        )
+    return obj
+
+
+def _is_fastllm_module(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("fastllm.")
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D: y = x @ weight + bias, weight (in, out)
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+
+
+def _as_linear(m: nn.Module) -> nn.Linear:
+    if isinstance(m, nn.Linear):
+        return m
+    w = m.weight  # Conv1D: (in_features, out_features)
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.t())
+        if m.bias is not None:
+            lin.bias.copy_(m.bias)
+    return lin
+
+
+def _name_matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+# --- optimize ------------------------------------------------------------------------------
+
+_OPTIONS = ("attention", "linear", "calibration", "filter_fn", "backend")
+
+
+def _make_linear_config(linear, options: dict) -> LinearConfig | None:
+    unknown = sorted(set(options) - set(LINEAR_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown}; fastllm.optimize takes {list(_OPTIONS)} and, for "
+            f"linear layers, {list(LINEAR_OPTIONS)}"
+        )
+    if linear is None:
+        if options:
+            raise ValueError(
+                f"option(s) {sorted(options)} apply to linear layers, but linear=None; "
+                f"pass linear= one of {LINEAR_KINDS}"
+            )
+        return None
+    if isinstance(linear, LinearConfig):
+        return dataclasses.replace(linear, **options) if options else linear
+    if not isinstance(linear, str):
+        raise ValueError(
+            f"linear must be None, one of {LINEAR_KINDS} or a fastllm.LinearConfig, got {linear!r}"
+        )
+    return LinearConfig(kind=linear, **options)
+
+
+def optimize(
+    model: nn.Module,
+    *,
+    attention: bool = True,
+    linear: str | LinearConfig | None = None,
+    calibration: Iterable | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    backend: str | None = None,
+    **options,
+) -> nn.Module:
+    """Swaps `model`'s attention and linear layers for fastllm's, in place; returns `model`.
+
+    Args:
+        attention: use fastllm's fused attention (transformers models: through their
+            attention interface; `nn.MultiheadAttention`: FusedMultiheadAttention).
+        linear: None (keep float), one of LINEAR_KINDS, or a LinearConfig.
+        calibration: an iterable of batches as the model's forward takes them (a dict is
+            passed as `model(**batch)`, a tuple as `model(*batch)`, else `model(batch)`),
+            used by SmoothQuant (w8a8) and Wanda (sparse). Without it, the
+            calibration-free methods are used and the report says so.
+        filter_fn: `filter_fn(qualified_name, module) -> bool`; layers for which it is
+            false are left alone.
+        backend: force one fastllm backend ("torch", "triton", "cuda", "reference") for
+            every forward pass of `model` (as `fastllm.use_backend` does); None: per-call choice.
+        **options: LinearConfig fields (smoothquant, alpha, method, density, block_size, skip).
+
+    Raises ValueError for unknown options or values (listing the valid ones), and
+    NotImplementedError for a linear kind whose fastllm module is not available.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(attention, bool):
+        raise ValueError(f"attention must be True or False, got {attention!r}")
+    if backend is not None and backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be None or one of {_backend.BACKENDS}, got {backend!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise ValueError(f"filter_fn must be callable(name, module) -> bool, got {filter_fn!r}")
+    cfg = _make_linear_config(linear, options)
+    if cfg is not None and cfg.smoothquant and calibration is None:
+        raise ValueError("smoothquant=True needs calibration batches (calibration=...)")
+    batches = list(calibration) if calibration is not None else None
+    if batches is not None and not batches:
+        raise ValueError("calibration is empty; pass at least one batch, or None")
+
+    opts = {
+        "attention": attention,
+        "linear": cfg.to_dict() if cfg else None,
+        "backend": backend,
+        "filter_fn": None if filter_fn is None else getattr(filter_fn, "__name__", "custom"),
+    }
+    rep: Report | None = getattr(model, _REPORT_ATTR, None)
+    if rep is None:
+        rep = Report(options=opts)
+    else:
+        rep.notes.append(f"optimize called again with {opts}")
+        rep.options = {**rep.options, **{k: v for k, v in opts.items() if v}}
+
+    was_training = model.training
+    model.eval()
+    try:
+        if attention:
+            _swap_attention(model, filter_fn, rep)
+        if cfg is not None:
+            _swap_linears(model, cfg, batches, filter_fn, rep)
+    finally:
+        model.train(was_training)
+    if backend is not None:
+        _force_backend(model, backend)
+    if not rep.layers:
+        rep.notes.append(
+            "nothing to swap: the model has no attention or linear layer fastllm serves"
+        )
+    setattr(model, _REPORT_ATTR, rep)
+    return model
+
+
+def is_optimized(model: nn.Module) -> bool:
+    return getattr(model, _REPORT_ATTR, None) is not None
+
+
+# --- attention -----------------------------------------------------------------------------
+
+
+def _swap_attention(model: nn.Module, filter_fn, rep: Report) -> None:
+    from fastllm import hf
+
+    if hf.is_hf_model(model):
+        done = {e.name for e in rep.layers if e.kind == "attention"}
+        if "" in done or hf.enabled(model):
+            if "" not in done:
+                rep.layers.append(
+                    LayerEntry("", "attention", "kept", "fastllm (transformers)", None, None)
+                )
+            return
+        # transformers picks the attention implementation per model, not per layer
+        why = hf.unsupported_reason(model)
+        if why is not None:
+            rep.layers.append(LayerEntry("", "attention", "skipped", "transformers", None, why))
+            return
+        previous = hf.enable(model)
+        rep.layers.append(
+            LayerEntry(
+                "", "attention", "swapped", f"transformers {previous!r}", "fastllm (transformers)"
+            )
+        )
+        return
+    _swap_mha(model, "", filter_fn, rep)
+
+
+def _swap_mha(parent: nn.Module, prefix: str, filter_fn, rep: Report) -> None:
+    for name, child in list(parent.named_children()):
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, nn.MultiheadAttention) and not _is_fastllm_module(child):
+            if filter_fn is not None and not filter_fn(full, child):
+                rep.layers.append(
+                    LayerEntry(full, "attention", "skipped", "MultiheadAttention", None,
+                               "filtered out by filter_fn")
+                )  # fmt: skip
+                continue
+            try:
+                fused = _family("FusedMultiheadAttention", "fastllm.nn", "attention=True")
+            except NotImplementedError as e:
+                rep.layers.append(
+                    LayerEntry(full, "attention", "skipped", "MultiheadAttention", None, str(e))
+                )
+                continue
+            try:
+                new = fused.from_module(child)
+            except ValueError as e:
+                rep.layers.append(
+                    LayerEntry(full, "attention", "skipped", "MultiheadAttention", None,
+                               f"unsupported: {e}")
+                )  # fmt: skip
+                continue
+            setattr(parent, name, new)
+            rep.layers.append(
+                LayerEntry(full, "attention", "swapped", "MultiheadAttention", type(new).__name__)
+            )
+            _no_torch_fast_path(parent)
+        elif _is_fastllm_module(child) and "Attention" in type(child).__name__:
+            if not any(e.name == full for e in rep.layers):
+                rep.layers.append(LayerEntry(full, "attention", "kept", type(child).__name__))
+        else:
+            _swap_mha(child, full, filter_fn, rep)
+    _no_nested_tensor(parent)
+
+
+def _no_torch_fast_path(layer: nn.Module) -> None:
+    # nn.TransformerEncoderLayer's inference fast path reads self_attn.in_proj_weight and
+    # the linear layers' weights directly and would bypass the swapped modules. Its
+    # activation flag gates that path only (the slow path calls self.activation), so
+    # clearing it on this instance keeps every call on the modules' own forward.
+    if isinstance(layer, nn.TransformerEncoderLayer):
+        layer.activation_relu_or_gelu = 0
+
+
+def _no_nested_tensor(module: nn.Module) -> None:
+    # nn.TransformerEncoder turns padded input into nested tensors for that fast path.
+    if isinstance(module, nn.TransformerEncoder) and any(
+        _is_fastllm_module(m) for m in module.modules()
+    ):
+        module.use_nested_tensor = False
+        for layer in module.layers:
+            _no_torch_fast_path(layer)
+
+
+# --- linear layers -------------------------------------------------------------------------
+
+
+def _linear_targets(model: nn.Module, cfg: LinearConfig, filter_fn, rep: Report):
+    """[(parent, attr, qualified name, module)] of the float linear layers to swap;
+    records the skipped ones."""
+    targets, seen = [], {e.name for e in rep.layers}
+
+    def walk(parent, prefix):
+        for name, child in parent.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if _is_fastllm_module(child):
+                if full not in seen and ("Linear" in type(child).__name__):
+                    rep.layers.append(LayerEntry(full, "linear", "kept", type(child).__name__))
+                continue
+            if isinstance(child, nn.Linear) or _is_conv1d(child):
+                before = type(child).__name__
+                if _name_matches(full, cfg.skip):
+                    reason = f"kept in float (skip={list(cfg.skip)})"
+                elif filter_fn is not None and not filter_fn(full, child):
+                    reason = "filtered out by filter_fn"
+                elif not child.weight.is_floating_point():
+                    reason = f"weight dtype {child.weight.dtype} is not float"
+                else:
+                    targets.append((parent, name, full, child))
+                    continue
+                if full not in seen:
+                    rep.layers.append(LayerEntry(full, "linear", "skipped", before, None, reason))
+                continue
+            walk(child, full)
+
+    walk(model, "")
+    return targets
+
+
+def _calibrate(model, cfg: LinearConfig, batches, rep: Report, filter_fn):
+    """Returns (smooth scales or None, activation norms or None) and records what was done."""
+    smooth_scales, act_norms = None, None
+    int8 = cfg.kind in ("w8a8", "2:4+w8a8")
+    sparse = cfg.kind in ("2:4", "block", "2:4+w8a8")
+    use_smooth = int8 and cfg.smoothquant is not False and batches is not None
+    method = cfg.method or ("wanda" if batches is not None else "magnitude")
+    what = []
+    if use_smooth:
+        quant = _family_module("fastllm.quant", "smoothquant (w8a8 with calibration)")
+        stats = quant.calibrate(model, batches)
+        smooth_scales = quant.smooth(model, stats, alpha=cfg.alpha)
+        what.append(f"SmoothQuant alpha={cfg.alpha} from {len(batches)} batches")
+    elif int8 and cfg.kind.endswith("w8a8"):
+        what.append(
+            "w8a8 without SmoothQuant (per-token activation scales)"
+            + ("" if batches is not None else ": no calibration batches")
+        )
+    if sparse:
+        if method == "wanda":
+            if batches is None:
+                raise ValueError("method='wanda' needs calibration batches (calibration=...)")
+            sp = _family_module("fastllm.sparse", f"linear={cfg.kind!r}")
+            act_norms = sp.calibrate(model, batches)
+            what.append(f"Wanda activation norms from {len(batches)} batches")
+        else:
+            what.append(
+                "magnitude pruning" + ("" if batches is not None else ": no calibration batches")
+            )
+    if cfg.kind == "w8a16":
+        what.append("w8a16 needs no calibration")
+    rep.calibration = "; ".join(what) if what else "none"
+    return smooth_scales, act_norms, method
+
+
+def _family_module(where: str, option: str):
+    import importlib
+
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as e:
+        if e.name == where:
+            raise NotImplementedError(
+                f"{option} needs {where}, which is not available in this version of fastllm yet"
+            ) from None
+        raise
+
+
+def _build_linear(kind, lin, name, cfg, smooth_scales, act_norms, method):
+    act_norm = act_norms.get(name) if act_norms is not None and method == "wanda" else None
+    if act_norm is not None and not isinstance(act_norm, torch.Tensor):
+        act_norm = act_norm.norm  # fastllm.calibration.InputStats
+    if kind in ("w8a8", "w8a16"):
+        cls = _family("Int8Linear", "fastllm.nn", f"linear={kind!r}")
+        scale = None
+        if smooth_scales is not None:
+            scale = smooth_scales.get(name)
+        return cls.from_linear(lin, mode=kind, smooth_scale=scale)
+    m = method if act_norm is not None else "magnitude"
+    if kind == "2:4":
+        cls = _family("Sparse24Linear", "fastllm.nn", "linear='2:4'")
+        return cls.from_linear(lin, method=m, act_norm=act_norm)
+    if kind == "block":
+        cls = _family("BlockSparseLinear", "fastllm.nn", "linear='block'")
+        return cls.from_linear(
+            lin, block_size=cfg.block_size, density=cfg.density, method=m, act_norm=act_norm
+        )
+    # "2:4+w8a8"
+    cls = _family("Sparse24Linear", "fastllm.nn", "linear='2:4+w8a8'")
+    scale = smooth_scales.get(name) if smooth_scales is not None else None
+    try:
+        return cls.from_linear(lin, method=m, act_norm=act_norm, int8="w8a8", smooth_scale=scale)
+    except TypeError:
+        raise NotImplementedError(
+            "linear='2:4+w8a8' needs Sparse24Linear over int8 values, which this version of "
+            "fastllm.nn.Sparse24Linear does not provide yet"
+        ) from None
+
+
+def _swap_linears(model, cfg: LinearConfig, batches, filter_fn, rep: Report) -> None:
+    # Fail early, before calibration or any swap, when the family is missing.
+    needs = {
+        "w8a8": "Int8Linear",
+        "w8a16": "Int8Linear",
+        "2:4": "Sparse24Linear",
+        "block": "BlockSparseLinear",
+        "2:4+w8a8": "Sparse24Linear",
+    }[cfg.kind]
+    _family(needs, "fastllm.nn", f"linear={cfg.kind!r}")
+    targets = _linear_targets(model, cfg, filter_fn, rep)
+    if not targets:
+        rep.calibration = "none: no float linear layer to swap"
+        return
+    smooth_scales, act_norms, method = _calibrate(model, cfg, batches, rep, filter_fn)
+    done: dict[int, nn.Module] = {}
+    for parent, attr, name, child in targets:
+        before = type(child).__name__
+        if id(child) in done:  # one module used in two places stays one module
+            setattr(parent, attr, done[id(child)])
+            rep.layers.append(LayerEntry(name, "linear", "swapped", before,
+                                         type(done[id(child)]).__name__, "shared module"))  # fmt: skip
+            continue
+        try:
+            new = _build_linear(
+                cfg.kind, _as_linear(child), name, cfg, smooth_scales, act_norms, method
+            )
+        except ValueError as e:
+            rep.layers.append(
+                LayerEntry(name, "linear", "skipped", before, None, f"shape unsupported: {e}")
+            )
+            continue
+        done[id(child)] = new
+        setattr(parent, attr, new)
+        rep.layers.append(LayerEntry(name, "linear", "swapped", before, type(new).__name__))
+    rep.options["method"] = method if cfg.kind in ("2:4", "block", "2:4+w8a8") else None
+
+
+# --- forcing a backend for a model ---------------------------------------------------------
+
+
+def _force_backend(model: nn.Module, name: str) -> None:
+    for h in getattr(model, "_fastllm_backend_hooks", ()):
+        h.remove()
+    tokens: list = []
+
+    def enter(module, args, kwargs=None):
+        tokens.append(_backend._forced.set(name))
+
+    def leave(module, args, output, kwargs=None):
+        if tokens:
+            _backend._forced.reset(tokens.pop())
+
+    model._fastllm_backend_hooks = (
+        model.register_forward_pre_hook(enter),
+        model.register_forward_hook(leave, always_call=True),
+    )
