@@ -1,0 +1,433 @@
+"""fastllm.ops int8 matmuls (int8_linear, int8_dynamic_linear, int8_weight_only_linear)
+and quantize_per_channel on every backend against the reference."""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_GPU, available_backends, poison_empty, rel_err
+
+import fastllm
+import fastllm.ops.int8 as int8_ops
+from fastllm import backend, reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+INTERPRETED = backend.triton_interpreted() and not HAS_GPU
+
+# Odd shapes: the full matrix on torch/reference (and on every backend on a GPU); small
+# ones for Triton under the interpreter.
+FULL_M = [1, 3, 17, 128, 257]
+FULL_NK = [(1000, 4100), (40, 72), (33, 100)]
+SMALL_M = [1, 3, 17]
+SMALL_NK = [(40, 72), (33, 100)]
+
+
+def _cases(op):
+    cases = []
+    for name in available_backends(op):
+        small = name == "triton" and INTERPRETED
+        for M in SMALL_M if small else FULL_M:
+            for N, K in SMALL_NK if small else FULL_NK:
+                cases.append((name, M, N, K))
+    return cases
+
+
+def _run(op, name, *args, **kwargs):
+    with fastllm.use_backend(name):
+        out = getattr(fastllm.ops, op)(*args, **kwargs)
+    assert fastllm.last_backend(op) == name
+    return out
+
+
+def _activations(M, K, dtype=torch.float32):
+    x = torch.randn(M, K, device=DEVICE)
+    if M >= 3:
+        x[1] *= 50  # a row with large values
+        x[2, K // 3] = 300  # a single outlier in a row
+    return x.to(dtype)
+
+
+def _weight(N, K):
+    w = torch.randn(N, K, device=DEVICE) * 0.05
+    return reference.quantize_per_channel(w)
+
+
+def test_backends_include_triton_and_torch():
+    for op in ("int8_linear", "int8_dynamic_linear", "int8_weight_only_linear"):
+        assert {"torch", "reference", "triton"} <= set(available_backends(op))
+
+
+# --- the int32 accumulator ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", available_backends("int8_linear"))
+@pytest.mark.parametrize("M, N, K", [(1, 40, 72), (17, 33, 100), (3, 24, 1000)])
+def test_accumulator_bit_exact(name, M, N, K, monkeypatch):
+    # full int8 range, -128 included; |acc| <= K * 128 * 128 < 2**24, so float32 holds it
+    # exactly and unit scales make the float32 output the accumulator itself
+    x = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=DEVICE)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=DEVICE)
+    x[0, :] = -128
+    w[0, :] = -128  # the largest product sum
+    ones_m = torch.ones(M, device=DEVICE)
+    ones_n = torch.ones(N, device=DEVICE)
+    exact = x.cpu().long() @ w.cpu().long().T
+    assert exact.abs().max() < 2**24
+    poison_empty(monkeypatch)
+    out = _run("int8_linear", name, x, ones_m, w, ones_n, out_dtype=torch.float32)
+    assert torch.equal(out.cpu().long(), exact)
+    assert torch.equal(reference.int8_matmul_int32(x, w).cpu().long(), exact)
+
+
+def test_torch_backend_uses_int_mm_and_fallback_is_exact(monkeypatch):
+    x = torch.randint(-128, 128, (5, 300), dtype=torch.int8)
+    w = torch.randint(-128, 128, (7, 300), dtype=torch.int8)
+    exact = (x.long() @ w.long().T).int()
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or real(a, b))
+    assert torch.equal(int8_ops.int8_matmul_int32(x, w), exact)
+    assert calls, "the torch backend did not use torch._int_mm on the CPU"
+    monkeypatch.setattr(int8_ops, "_CPU_INT_MM", False)
+    calls.clear()
+    assert torch.equal(int8_ops.int8_matmul_int32(x, w), exact) and not calls
+
+
+def test_int_mm_constraints():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert int8_ops.int_mm_accepts(1, 7, 5, cpu) == int8_ops._CPU_INT_MM
+    assert int8_ops.int_mm_accepts(32, 64, 64, cuda)
+    assert not int8_ops.int_mm_accepts(16, 64, 64, cuda)  # CUDA needs M > 16
+    assert not int8_ops.int_mm_accepts(32, 60, 64, cuda)  # and K, N multiples of 8
+    assert not int8_ops.int_mm_accepts(32, 64, 100, cuda)
+
+
+# --- end results against the reference ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name, M, N, K", _cases("int8_linear"))
+def test_int8_linear_matches_reference(name, M, N, K, monkeypatch):
+    x_int8, x_scale = reference.quantize_per_token(_activations(M, K))
+    w_int8, w_scale = _weight(N, K)
+    bias = torch.randn(N, device=DEVICE)
+    poison_empty(monkeypatch)
+    for b in (None, bias):
+        ref = reference.int8_linear(x_int8, x_scale, w_int8, w_scale, b, torch.float64)
+        for dtype in DTYPES:
+            out = _run("int8_linear", name, x_int8, x_scale, w_int8, w_scale, b, out_dtype=dtype)
+            assert out.shape == (M, N) and out.dtype == dtype
+            assert rel_err(out, ref) <= TOL[dtype], (dtype, b is None)
+
+
+@pytest.mark.parametrize("name, M, N, K", _cases("int8_dynamic_linear"))
+def test_dynamic_linear_matches_reference(name, M, N, K, monkeypatch):
+    w_int8, w_scale = _weight(N, K)
+    poison_empty(monkeypatch)
+    for dtype in DTYPES:
+        x = _activations(M, K, dtype)
+        bias = torch.randn(N, device=DEVICE).to(dtype) if dtype != torch.float32 else None
+        ref = reference.int8_dynamic_linear(x.float(), w_int8, w_scale, bias)
+        out = _run("int8_dynamic_linear", name, x, w_int8, w_scale, bias)
+        assert out.shape == (M, N) and out.dtype == dtype
+        assert rel_err(out, ref) <= TOL[dtype], dtype
+
+
+@pytest.mark.parametrize("name, M, N, K", _cases("int8_weight_only_linear"))
+def test_weight_only_matches_reference(name, M, N, K, monkeypatch):
+    w_int8, w_scale = _weight(N, K)
+    bias = torch.randn(N, device=DEVICE)
+    poison_empty(monkeypatch)
+    for dtype in DTYPES:
+        x = _activations(M, K, dtype)
+        for b in (None, bias):
+            ref = reference.int8_weight_only_linear(x.double(), w_int8, w_scale, b)
+            out = _run("int8_weight_only_linear", name, x, w_int8, w_scale, b)
+            assert out.shape == (M, N) and out.dtype == dtype
+            assert rel_err(out, ref) <= TOL[dtype], (dtype, b is None)
+
+
+def test_weight_only_float16_large_unscaled_product():
+    # x @ w_int8.T passes float16's range although the scaled result does not
+    K, N = 512, 16
+    x = torch.full((2, K), 8.0, dtype=torch.float16, device=DEVICE)
+    w_int8 = torch.full((N, K), 127, dtype=torch.int8, device=DEVICE)
+    w_scale = torch.full((N,), 1e-3, device=DEVICE)
+    ref = reference.int8_weight_only_linear(x.double(), w_int8, w_scale)
+    for name in available_backends("int8_weight_only_linear"):
+        out = _run("int8_weight_only_linear", name, x, w_int8, w_scale)
+        assert rel_err(out, ref) <= 1e-2, name
+
+
+@pytest.mark.skipif(
+    "triton" not in available_backends("int8_weight_only_linear"), reason="no triton"
+)
+@pytest.mark.parametrize("split_k", [2, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_only_split_k(split_k, dtype, monkeypatch):
+    from fastllm.triton_kernels.int8 import int8_w8a16_linear
+
+    M, N, K = 3, 33, 300
+    x = _activations(M, K, dtype)
+    w_int8, w_scale = _weight(N, K)
+    bias = torch.randn(N, device=DEVICE).to(dtype)
+    ref = reference.int8_weight_only_linear(x.double(), w_int8, w_scale, bias)
+    poison_empty(monkeypatch)
+    out = int8_w8a16_linear(x, w_int8, w_scale, bias, split_k=split_k)
+    assert rel_err(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("op", ["int8_dynamic_linear", "int8_weight_only_linear"])
+def test_leading_dims_and_strides(op):
+    N, K = 24, 40
+    w_int8, w_scale = _weight(N, K)
+    base = torch.randn(3, 5, 2 * K, device=DEVICE)
+    for x in (base[..., :K], base[..., ::2], base.transpose(0, 1)[..., :K], base[0, 0, :K]):
+        ref = getattr(reference, op)(x.contiguous(), w_int8, w_scale)
+        for name in available_backends(op):
+            out = _run(op, name, x, w_int8, w_scale)
+            assert out.shape == (*x.shape[:-1], N)
+            assert rel_err(out, ref) <= 1e-5, (name, x.shape, x.stride())
+
+
+def test_int8_linear_leading_dims_and_strides():
+    N, K = 24, 40
+    w_int8, w_scale = _weight(N, K)
+    x_int8, x_scale = reference.quantize_per_token(torch.randn(3, 5, 2 * K, device=DEVICE))
+    x_int8 = x_int8[..., ::2]
+    ref = reference.int8_linear(x_int8, x_scale, w_int8, w_scale, None, torch.float32)
+    for name in available_backends("int8_linear"):
+        out = _run("int8_linear", name, x_int8, x_scale, w_int8, w_scale, out_dtype="fp32")
+        assert out.shape == (3, 5, N)
+        assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "bf16", "torch.float16", "half", "float32"])
+def test_out_dtype_names(name):
+    x_int8, x_scale = reference.quantize_per_token(torch.randn(2, 8, device=DEVICE))
+    w_int8, w_scale = _weight(4, 8)
+    out = fastllm.ops.int8_linear(x_int8, x_scale, w_int8, w_scale, out_dtype=name)
+    assert out.dtype == int8_ops._DTYPE_NAMES[name.removeprefix("torch.")]
+
+
+@pytest.mark.parametrize("shape, N", [((0, 8), 4), ((2, 0, 8), 4), ((3, 0), 4), ((3, 8), 0)])
+def test_empty_and_k0(shape, N):
+    K = shape[-1]
+    w_int8, w_scale = _weight(N, K)
+    bias = torch.randn(N, device=DEVICE)
+    x = torch.randn(shape, device=DEVICE)
+    x_int8, x_scale = reference.quantize_per_token(x)
+    for out in (
+        fastllm.ops.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, torch.float32),
+        fastllm.ops.int8_dynamic_linear(x, w_int8, w_scale, bias),
+        fastllm.ops.int8_weight_only_linear(x, w_int8, w_scale, bias),
+    ):
+        assert out.shape == (*shape[:-1], N)
+        if K == 0 and out.numel():
+            assert torch.equal(out, bias.expand_as(out))  # an empty sum is 0, plus bias
+
+
+# --- quantize_per_channel -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", available_backends("quantize_per_channel"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, dim", [((33, 100), 0), ((40, 72), 1), ((5, 7, 9), -1)])
+def test_quantize_per_channel_matches_reference(name, dtype, shape, dim, monkeypatch):
+    w = (torch.randn(shape, device=DEVICE) * 0.1).to(dtype)
+    w.select(dim, 1).zero_()  # an all-zero channel
+    ref_q, ref_s = reference.quantize_per_channel(w, dim)
+    poison_empty(monkeypatch)
+    q, s = _run("quantize_per_channel", name, w, dim)
+    assert q.shape == w.shape and s.shape == (w.shape[dim],) and s.dtype == torch.float32
+    assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
+    assert s[1].item() == 1.0 and (q.select(dim, 1) == 0).all()
+
+
+def test_quantize_per_channel_is_per_token_of_rows():
+    w = torch.randn(17, 64, device=DEVICE)
+    q, s = fastllm.ops.quantize_per_channel(w)
+    q2, s2 = fastllm.ops.quantize_per_token(w)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    q, s = fastllm.ops.quantize_per_channel(torch.randn(0, 5, device=DEVICE))
+    assert q.shape == (0, 5) and s.shape == (0,)
+
+
+# --- the reference itself ----------------------------------------------------------------
+
+
+def test_reference_against_float64():
+    M, N, K = 9, 31, 257
+    x = torch.randn(M, K, dtype=torch.float64)
+    w = torch.randn(N, K, dtype=torch.float64) * 0.05
+    bias = torch.randn(N, dtype=torch.float64)
+    w_int8, w_scale = reference.quantize_per_channel(w)
+    scale64 = w.abs().amax(1) / 127
+    assert torch.allclose(w_scale, scale64, rtol=1e-15, atol=0)
+    # dequantization error is at most half a step per element
+    assert ((w_int8.double() * scale64[:, None] - w).abs() <= scale64[:, None] * 0.5 + 1e-12).all()
+    x_int8, x_scale = reference.quantize_per_token(x)
+    manual = torch.zeros(M, N, dtype=torch.float64)
+    for k in range(K):  # an independent formula: a sum of rank-1 products
+        manual += x_int8[:, k, None].double() * w_int8[None, :, k].double()
+    out = reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, torch.float64)
+    expect = manual * x_scale[:, None] * w_scale[None, :] + bias
+    assert torch.allclose(out, expect, rtol=1e-12, atol=1e-12)
+    # W8A8 and W8A16 approximate the float64 linear
+    exact = x @ w.T + bias
+    assert rel_err(out, exact) < 2e-2
+    out16 = reference.int8_weight_only_linear(x, w_int8, w_scale, bias)
+    assert out16.dtype == torch.float64 and rel_err(out16, exact) < 1e-2
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def _good():
+    x = torch.randn(4, 16)
+    x_int8, x_scale = reference.quantize_per_token(x)
+    w_int8, w_scale = reference.quantize_per_channel(torch.randn(8, 16))
+    return x, x_int8, x_scale, w_int8, w_scale
+
+
+def _bad_cases():
+    x, xq, xs, wq, ws = _good()
+    L, D = fastllm.ops.int8_linear, fastllm.ops.int8_dynamic_linear
+    W = fastllm.ops.int8_weight_only_linear
+    return [
+        (lambda: L(x, xs, wq, ws), TypeError, ["x_int8", "torch.float32", "int8"]),
+        (lambda: L(xq, xs, wq.float(), ws), TypeError, ["w_int8", "torch.float32", "int8"]),
+        (lambda: L(xq, xs.half(), wq, ws), TypeError, ["x_scale", "torch.float16", "float32"]),
+        (lambda: L(xq, xs[:3], wq, ws), ValueError, ["x_scale", "(3,)", "(4,)"]),
+        (lambda: L(xq, xs, wq, ws[:7]), ValueError, ["w_scale", "(7,)", "(8,)"]),
+        (lambda: L(xq, xs, wq, ws.double()), TypeError, ["w_scale", "torch.float64"]),
+        (lambda: L(xq[:, :15], xs, wq, ws), ValueError, ["K = 15", "K = 16", "w_int8"]),
+        (lambda: L(xq, xs, wq, ws, torch.randn(9)), ValueError, ["bias", "(9,)", "(8,)"]),
+        (lambda: L(xq, xs, wq, ws, torch.ones(8).long()), TypeError, ["bias", "int64"]),
+        (lambda: L(xq, xs, wq, ws, out_dtype=torch.int8), ValueError, ["out_dtype", "int8"]),
+        (lambda: L(xq, xs, wq, ws, out_dtype="fp8"), ValueError, ["out_dtype", "'fp8'"]),
+        (lambda: L(xq, xs, wq[None], ws), ValueError, ["w_int8", "2 dimensions", "(1, 8, 16)"]),
+        (lambda: L(xq, xs, wq, "s"), TypeError, ["w_scale", "str"]),
+        (lambda: D(xq, wq, ws), TypeError, ["x", "torch.int8", "int8_linear"]),
+        (lambda: D(x.double(), wq, ws), TypeError, ["x", "torch.float64"]),
+        (lambda: D(x, wq.float(), ws), TypeError, ["w_int8", "torch.float32"]),
+        (lambda: D(x[:, :10], wq, ws), ValueError, ["K = 10", "K = 16"]),
+        (lambda: W(xq, wq, ws), TypeError, ["x", "torch.int8", "float"]),
+        (lambda: W(x, wq.to(torch.uint8), ws), TypeError, ["w_int8", "torch.uint8"]),
+        (lambda: W(x, wq, ws, torch.randn(8, 1)), ValueError, ["bias", "(8, 1)"]),
+        (lambda: W(torch.tensor(1.0), wq, ws), ValueError, ["x", "at least 1"]),
+        (lambda: fastllm.ops.quantize_per_channel(wq), TypeError, ["w", "torch.int8"]),
+        (lambda: fastllm.ops.quantize_per_channel(x, dim=2), ValueError, ["dim 2", "(4, 16)"]),
+        (lambda: fastllm.ops.quantize_per_channel(x, dim=0.5), TypeError, ["dim", "float"]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input(case):
+    fn, err, words = _bad_cases()[case]
+    with pytest.raises(err) as info:
+        fn()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_devices_differ():
+    x, xq, xs, wq, ws = _good()
+    with pytest.raises(ValueError, match="w_scale is on cuda"):
+        fastllm.ops.int8_linear(xq, xs, wq, ws.cuda())
+    with pytest.raises(ValueError, match="w_int8 is on cuda"):
+        fastllm.ops.int8_weight_only_linear(x, wq.cuda(), ws)
+
+
+def test_devices_differ_meta():
+    # the same check without a GPU: a meta tensor is another device
+    x, xq, xs, wq, ws = _good()
+    with pytest.raises(ValueError, match="w_scale is on meta but x_int8 is on cpu"):
+        fastllm.ops.int8_linear(xq, xs, wq, ws.to("meta"))
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        fastllm.ops.int8_dynamic_linear(x, wq, ws, torch.ones(8, device="meta"))
+
+
+# --- torch.library -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck(with_bias):
+    x, xq, xs, wq, ws = (t.to(DEVICE) for t in _good())
+    b = torch.randn(8, device=DEVICE) if with_bias else None
+    ops = torch.ops.fastllm
+    torch.library.opcheck(ops.int8_linear.default, (xq, xs, wq, ws, b, torch.bfloat16))
+    torch.library.opcheck(ops.int8_linear.default, (xq, xs, wq, ws, b, torch.float32))
+    torch.library.opcheck(ops.int8_dynamic_linear.default, (x, wq, ws, b))
+    torch.library.opcheck(ops.int8_weight_only_linear.default, (x.bfloat16(), wq, ws, b))
+    torch.library.opcheck(ops.quantize_per_channel.default, (x, 1))
+
+
+def test_compile_fullgraph():
+    w_int8, w_scale = _weight(24, 40)
+
+    def f(x):
+        h = fastllm.ops.int8_dynamic_linear(x, w_int8, w_scale)
+        xq, xs = fastllm.ops.quantize_per_token(h)
+        return fastllm.ops.int8_linear(xq, xs, w_int8[:, :24], w_scale, out_dtype=torch.float32)
+
+    x = torch.randn(2, 5, 40, device=DEVICE)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+# --- real sizes on a GPU -------------------------------------------------------------------
+
+
+def _gpu_backends(op):
+    return [n for n in ("cuda", "triton", "torch") if n in backend.backends_of(op)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("M", [1, 3, 17, 257, 1024])
+@pytest.mark.parametrize("N, K", [(4096, 4096), (14336, 4096), (1000, 4100)])
+def test_gpu_real_sizes(name, M, N, K, monkeypatch):
+    dev = torch.device("cuda")
+    ops_here = ("int8_linear", "int8_dynamic_linear", "int8_weight_only_linear")
+    if not any(name in _gpu_backends(op) for op in ops_here):
+        pytest.skip(f"no {name} backend registered")
+    x = torch.randn(M, K, device=dev)
+    x[0, 7] = 200.0
+    w_int8, w_scale = reference.quantize_per_channel(torch.randn(N, K, device=dev) * 0.02)
+    bias = torch.randn(N, device=dev, dtype=torch.bfloat16)
+    x_int8, x_scale = reference.quantize_per_token(x)
+    poison_empty(monkeypatch)
+    if name in _gpu_backends("int8_linear"):
+        ref = reference.int8_linear(x_int8, x_scale, w_int8, w_scale, bias, torch.float64)
+        for dtype in DTYPES:
+            out = _run("int8_linear", name, x_int8, x_scale, w_int8, w_scale, bias, dtype)
+            assert rel_err(out, ref) <= TOL[dtype], dtype
+        ones_m, ones_n = torch.ones(M, device=dev), torch.ones(N, device=dev)
+        acc = _run("int8_linear", name, x_int8, ones_m, w_int8, ones_n, None, torch.float32)
+        exact = reference.int8_matmul_int32(x_int8, w_int8)
+        # float32 holds the accumulator exactly below 2**24
+        small = exact.abs() < 2**24
+        assert torch.equal(acc[small].long(), exact[small].long())
+    for dtype in (torch.bfloat16, torch.float16):
+        xd = x.to(dtype)
+        if name in _gpu_backends("int8_dynamic_linear"):
+            ref = reference.int8_dynamic_linear(xd, w_int8, w_scale, bias)
+            out = _run("int8_dynamic_linear", name, xd, w_int8, w_scale, bias)
+            assert rel_err(out, ref) <= TOL[dtype], dtype
+        if name in _gpu_backends("int8_weight_only_linear") and M <= 257:
+            ref = reference.int8_weight_only_linear(xd.float(), w_int8, w_scale, bias)
+            out = _run("int8_weight_only_linear", name, xd, w_int8, w_scale, bias)
+            assert rel_err(out, ref) <= TOL[dtype], dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M, N, K", [(64, 128, 2048), (257, 1000, 1000)])
+def test_gpu_accumulator_bit_exact(M, N, K):
+    # |acc| <= K * 128 * 128 < 2**24: the float32 output with unit scales is the accumulator
+    x = torch.randint(-128, 128, (M, K), dtype=torch.int8, device="cuda")
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, device="cuda")
+    exact = x.cpu().long() @ w.cpu().long().T
+    for name in _gpu_backends("int8_linear"):
+        ones_m, ones_n = torch.ones(M, device="cuda"), torch.ones(N, device="cuda")
+        out = _run("int8_linear", name, x, ones_m, w, ones_n, None, torch.float32)
+        assert torch.equal(out.cpu().long(), exact), name
