@@ -1,5 +1,6 @@
 """Drop-in modules built on the fastllm ops (constructors: from_linear / from_module)."""
 
+from fastllm.nn.int8 import Int8Linear
 from fastllm.nn.sparse import BlockSparseLinear, Sparse24Linear
 
-__all__: list[str] = ["BlockSparseLinear", "Sparse24Linear"]
+__all__: list[str] = ["BlockSparseLinear", "Int8Linear", "Sparse24Linear"]
