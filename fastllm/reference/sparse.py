@@ -14,8 +14,8 @@ from fastllm.sparse.format import BlockSparseWeight, decompress_24
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x.dtype == torch.int8:
-        # int64 products and sums: exact; the int8 layers' accumulators fit in int32
-        y = x.to(torch.int64) @ w.to(torch.int64).t()
+        # float64 holds every int8 x int8 sum exactly (|sum| < 2**53), on any device
+        y = x.to(torch.float64) @ w.to(torch.float64).t()
         if bias is not None:
             raise ValueError("bias is not supported with int8 inputs (add it after scaling)")
         return y.to(torch.int32)

@@ -1,0 +1,290 @@
+"""fastllm.ops.sparse24_linear and block_sparse_linear on every backend against the reference."""
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_GPU, available_backends, poison_empty, rel_err
+
+import fastllm
+from fastllm import reference
+from fastllm.sparse import compress_24, decompress_24, prune, to_block_sparse
+
+OPS = ("sparse24_linear", "block_sparse_linear")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# the Triton interpreter is slow: small shapes for it on a CPU, the issue's list elsewhere
+SMALL = not HAS_GPU
+
+
+def _run(op, name, *args):
+    with fastllm.use_backend(name):
+        out = getattr(fastllm.ops, op)(*args)
+    assert fastllm.last_backend(op) == name
+    return out
+
+
+def _weight24(N, K, dtype):
+    w = torch.randn(N, K, device=DEVICE)
+    values, metadata = compress_24(w.to(dtype), prune(w))
+    return values, metadata
+
+
+def _shapes24(name):
+    if name == "triton" and SMALL:
+        return [(1, 40, 200), (3, 24, 64), (17, 16, 132)]
+    return [(m, n, k) for m in (1, 3, 17, 257) for n, k in ((96, 200), (1000, 4096))]
+
+
+def _weight_block(N, K, block, density, dtype, empty_row=False):
+    w = torch.randn(N, K, device=DEVICE)
+    mask = prune(w, "block", block_size=block, density=density)
+    if empty_row:
+        mask[: block[0]] = False
+    return to_block_sparse(w.to(dtype), mask, block)
+
+
+def test_backends_include_triton_and_torch():
+    for op in OPS:
+        assert {"torch", "reference", "triton"} <= set(available_backends(op))
+
+
+# --- sparse24_linear -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", available_backends("sparse24_linear"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse24_matches_reference(name, dtype, monkeypatch):
+    for M, N, K in _shapes24(name):
+        if name != "triton" and dtype != torch.float32 and M * N * K > 4e7:
+            continue  # bf16/fp16 CPU matmuls at the largest sizes: fp32 covers them
+        values, metadata = _weight24(N, K, dtype)
+        x = torch.randn(M, K, device=DEVICE).to(dtype)
+        bias = torch.randn(N, device=DEVICE).to(dtype)
+        ref = reference.sparse24_linear(x, values, metadata, bias)
+        with monkeypatch.context() as mp:
+            poison_empty(mp)
+            y = _run("sparse24_linear", name, x, values, metadata, bias)
+        assert y.shape == (M, N) and y.dtype == dtype
+        assert rel_err(y, ref) <= TOL[dtype], (M, N, K)
+
+
+@pytest.mark.parametrize("name", available_backends("sparse24_linear"))
+def test_sparse24_int8_exact(name, monkeypatch):
+    for M, N, K in [(1, 40, 200), (17, 24, 64)]:
+        wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEVICE)
+        values, metadata = compress_24(wq, prune(wq.float()))
+        x = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=DEVICE)
+        ref = reference.sparse24_linear(x, values, metadata)
+        expect = x.double() @ decompress_24(values, metadata).double().t()
+        assert torch.equal(ref.double(), expect)
+        with monkeypatch.context() as mp:
+            poison_empty(mp)
+            y = _run("sparse24_linear", name, x, values, metadata)
+        assert y.dtype == torch.int32 and torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("name", available_backends("sparse24_linear"))
+def test_sparse24_leading_dims_strides_no_bias(name):
+    values, metadata = _weight24(24, 64, torch.float32)
+    base = torch.randn(5, 2, 3, 64, device=DEVICE)
+    x = base.transpose(0, 1)[..., ::1]  # (2, 5, 3, 64), rows strided
+    y = _run("sparse24_linear", name, x, values, metadata)
+    ref = reference.sparse24_linear(x.contiguous(), values, metadata)
+    assert y.shape == (2, 5, 3, 24) and rel_err(y, ref) <= 1e-5
+    x = torch.randn(3, 128, device=DEVICE)[:, ::2]  # last dim not unit-stride
+    assert (
+        rel_err(
+            _run("sparse24_linear", name, x, values, metadata),
+            reference.sparse24_linear(x.contiguous(), values, metadata),
+        )
+        <= 1e-5
+    )
+
+
+def test_sparse24_empty():
+    values, metadata = _weight24(8, 16, torch.float32)
+    bias = torch.randn(8, device=DEVICE)
+    y = fastllm.ops.sparse24_linear(torch.randn(0, 3, 16, device=DEVICE), values, metadata, bias)
+    assert y.shape == (0, 3, 8)
+
+
+def test_reference_against_float64():
+    w = torch.randn(40, 200, dtype=torch.float64)
+    mask = prune(w)
+    values, metadata = compress_24(w, mask)
+    x, b = torch.randn(9, 200, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    expect = torch.einsum("mk,nk->mn", x, torch.where(mask, w, 0.0)) + b
+    assert rel_err(reference.sparse24_linear(x, values, metadata, b), expect) < 1e-14
+    y32 = reference.sparse24_linear(x.float(), values.float(), metadata, b.float())
+    assert rel_err(y32, expect) < 1e-6
+    bsw = to_block_sparse(w, prune(w, "block", block_size=(8, 40), density=0.4), (8, 40))
+    expect = x @ bsw.to_dense().t() + b
+    assert rel_err(reference.block_sparse_linear(x, bsw, b), expect) < 1e-14
+
+
+# --- block_sparse_linear -----------------------------------------------------------------
+
+
+def _block_cases(name):
+    if name == "triton" and SMALL:
+        return [((1, 64, 96), (16, 32)), ((17, 96, 64), (32, 16))]
+    return [((m, 384, 640), (64, 64)) for m in (1, 3, 17, 257)] + [((5, 96, 160), (16, 32))]
+
+
+@pytest.mark.parametrize("name", available_backends("block_sparse_linear"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_block_matches_reference(name, dtype, density, monkeypatch):
+    for (M, N, K), block in _block_cases(name):
+        bsw = _weight_block(N, K, block, density, dtype, empty_row=density == 0.5)
+        x = torch.randn(M, K, device=DEVICE).to(dtype)
+        bias = torch.randn(N, device=DEVICE).to(dtype)
+        ref = reference.block_sparse_linear(x, bsw, bias)
+        with monkeypatch.context() as mp:
+            poison_empty(mp)
+            y = _run("block_sparse_linear", name, x, bsw, bias)
+        assert y.shape == (M, N) and y.dtype == dtype
+        assert rel_err(y, ref) <= TOL[dtype], (M, N, K, block)
+        if density == 0.5:  # the all-empty first block-row gives exactly the bias
+            assert torch.equal(y[:, : block[0]], bias[: block[0]].expand(M, -1))
+
+
+@pytest.mark.parametrize("name", available_backends("block_sparse_linear"))
+def test_block_nothing_kept_no_bias_leading_dims(name):
+    w = torch.randn(32, 64, device=DEVICE)
+    bsw = to_block_sparse(w, torch.zeros(2, 4, dtype=torch.bool, device=DEVICE), (16, 16))
+    x = torch.randn(2, 3, 64, device=DEVICE)
+    y = _run("block_sparse_linear", name, x, bsw)
+    assert y.shape == (2, 3, 32) and (y == 0).all()
+    bsw = _weight_block(32, 64, (16, 16), 0.5, torch.float32)
+    x = torch.randn(4, 2, 64, device=DEVICE).transpose(0, 1)
+    ref = reference.block_sparse_linear(x.contiguous(), bsw)
+    assert rel_err(_run("block_sparse_linear", name, x, bsw), ref) <= 1e-5
+
+
+def test_block_triton_needs_power_of_two_tiles():
+    bsw = _weight_block(48, 40, (24, 20), 0.5, torch.float32)
+    x = torch.randn(3, 40, device=DEVICE)
+    with pytest.raises(fastllm.BackendError, match="bn = 24.*power of 2"):
+        _run("block_sparse_linear", "triton", x, bsw)
+    # the torch backend serves it
+    ref = reference.block_sparse_linear(x, bsw)
+    assert rel_err(_run("block_sparse_linear", "torch", x, bsw), ref) <= 1e-5
+
+
+# --- custom ops ----------------------------------------------------------------------------
+
+
+def test_opcheck():
+    values, metadata = _weight24(24, 64, torch.float32)
+    x, b = torch.randn(5, 64, device=DEVICE), torch.randn(24, device=DEVICE)
+    op = torch.ops.fastllm.sparse24_linear.default
+    torch.library.opcheck(op, (x, values, metadata, b))
+    torch.library.opcheck(op, (x, values, metadata, None))
+    xq = torch.randint(-127, 128, (3, 64), dtype=torch.int8, device=DEVICE)
+    vq, mq = compress_24(
+        torch.randint(-9, 9, (24, 64), dtype=torch.int8, device=DEVICE),
+        prune(torch.randn(24, 64, device=DEVICE)),
+    )
+    torch.library.opcheck(op, (xq, vq, mq, None))
+    bsw = _weight_block(32, 64, (16, 16), 0.5, torch.float32)
+    op = torch.ops.fastllm.block_sparse_linear.default
+    torch.library.opcheck(op, (x, *bsw[:3], torch.randn(32, device=DEVICE), 32))
+    torch.library.opcheck(op, (x, *bsw[:3], None, 32))
+
+
+def test_compile_fullgraph():
+    values, metadata = _weight24(24, 64, torch.float32)
+    bsw = _weight_block(24, 24, (8, 8), 0.5, torch.float32)
+
+    def f(x):
+        h = fastllm.ops.sparse24_linear(x, values, metadata)
+        return fastllm.ops.block_sparse_linear(torch.relu(h), bsw)
+
+    x = torch.randn(2, 5, 64, device=DEVICE)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_sparse24_bad_input():
+    values, metadata = _weight24(8, 32, torch.float32)
+    x = torch.randn(3, 32, device=DEVICE)
+    op = fastllm.ops.sparse24_linear
+    with pytest.raises(ValueError, match=r"x has 30 features .* K = 32"):
+        op(torch.randn(3, 30, device=DEVICE), values, metadata)
+    with pytest.raises(TypeError, match="values has dtype torch.float16 but x has torch.float32"):
+        op(x, values.half(), metadata)
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        op(x.double(), values, metadata)
+    with pytest.raises(ValueError, match=r"metadata has shape \(8, 1\) but values \(8, 16\)"):
+        op(x, values, metadata[:, :1])
+    with pytest.raises(ValueError, match=r"metadata has shape \(7, 2\)"):
+        op(x, values, metadata[:7])
+    with pytest.raises(ValueError, match="K = 30 .*multiple of 4"):
+        op(torch.randn(3, 30, device=DEVICE), values[:, :15], metadata)
+    with pytest.raises(ValueError, match=r"bias has shape \(9,\); expected \(8,\)"):
+        op(x, values, metadata, torch.randn(9, device=DEVICE))
+    with pytest.raises(TypeError, match="bias has dtype torch.float16"):
+        op(x, values, metadata, torch.randn(8, device=DEVICE).half())
+    with pytest.raises(ValueError, match="bias must be None for int8"):
+        xq = torch.zeros(3, 32, dtype=torch.int8, device=DEVICE)
+        op(xq, values.to(torch.int8), metadata, torch.zeros(8, dtype=torch.int8, device=DEVICE))
+    with pytest.raises(TypeError, match="values must be a torch.Tensor"):
+        op(x, values.tolist(), metadata)
+
+
+def test_block_bad_input():
+    bsw = _weight_block(32, 64, (16, 16), 0.5, torch.float32)
+    x = torch.randn(3, 64, device=DEVICE)
+    op = fastllm.ops.block_sparse_linear
+    with pytest.raises(TypeError, match="weight_bsr must be a fastllm.sparse.BlockSparseWeight"):
+        op(x, tuple(bsw))
+    with pytest.raises(ValueError, match=r"x has 48 features .* K = 64"):
+        op(torch.randn(3, 48, device=DEVICE), bsw)
+    with pytest.raises(TypeError, match="blocks has dtype torch.float32 but x has torch.bfloat16"):
+        op(x.bfloat16(), bsw)
+    with pytest.raises(ValueError, match=r"bias has shape \(16,\); expected \(32,\)"):
+        op(x, bsw, torch.randn(16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\(32, 64\) is not divisible by block_size \(16, 48\)"):
+        op(x, bsw._replace(block_size=(16, 48)))
+    if DEVICE.type == "cpu":  # index contents are checked for CPU tensors
+        with pytest.raises(ValueError, match=r"col_indices must lie in \[0, 4\)"):
+            op(x, bsw._replace(col_indices=bsw.col_indices + 4))
+
+
+# --- GPU: real sizes, every backend -----------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_sparse24_real_sizes(name, dtype, monkeypatch):
+    for M in (1, 3, 17, 257):
+        for N, K in ((1000, 4096), (96, 200), (4096, 4096)):
+            values, metadata = _weight24(N, K, dtype)
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            bias = torch.randn(N, device="cuda").to(dtype)
+            ref = reference.sparse24_linear(x, values, metadata, bias)
+            with monkeypatch.context() as mp:
+                poison_empty(mp)
+                y = _run("sparse24_linear", name, x, values, metadata, bias)
+            assert rel_err(y, ref) <= TOL[dtype], (M, N, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_gpu_block_real_sizes(name, dtype, density, monkeypatch):
+    for M in (1, 17, 257):
+        bsw = _weight_block(4096, 4096, (64, 64), density, dtype, empty_row=True)
+        x = torch.randn(M, 4096, device="cuda").to(dtype)
+        bias = torch.randn(4096, device="cuda").to(dtype)
+        ref = reference.block_sparse_linear(x, bsw, bias)
+        with monkeypatch.context() as mp:
+            poison_empty(mp)
+            y = _run("block_sparse_linear", name, x, bsw, bias)
+        assert rel_err(y, ref) <= TOL[dtype], (M, density)
+        assert torch.equal(y[:, :64], bias[:64].expand(M, -1))
