@@ -326,6 +326,7 @@ def _attention_op(
     args += (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse)
     name = backend.select("attention", q.device, *args)
     out, lse = backend.implementation("attention", name)(*args)
+    out = out.contiguous()  # the fake impl promises a contiguous output
     if lse is None:
         lse = torch.empty((0,), dtype=torch.float32, device=q.device)
     return out, lse
@@ -361,7 +362,7 @@ def _decode_attention_op(
     args = (q, k_cache, v_cache, cache_seqlens, block_table, scale, causal)
     args += (window_left, window_right, softcap, num_splits)
     name = backend.select("decode_attention", q.device, *args)
-    return backend.implementation("decode_attention", name)(*args)
+    return backend.implementation("decode_attention", name)(*args).contiguous()
 
 
 @_decode_attention_op.register_fake

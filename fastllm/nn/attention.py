@@ -1,0 +1,224 @@
+"""FusedMultiheadAttention: torch.nn.MultiheadAttention on fastllm.ops.attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastllm.ops.attention import _sdpa, attention
+
+
+class FusedMultiheadAttention(nn.Module):
+    """A drop-in for ``torch.nn.MultiheadAttention`` (same arguments, same outputs).
+
+    Build it from an existing module with ``FusedMultiheadAttention.from_module(mha)``.
+    Inputs are (L, N, E) (or (N, L, E) with batch_first, or unbatched (L, E)).
+
+    Which path serves a call:
+      - no mask, or ``is_causal=True`` (taken, as in PyTorch, as a promise that attn_mask is
+        the causal mask): ``fastllm.ops.attention`` (the fused kernels where they apply);
+      - ``key_padding_mask`` or an ``attn_mask`` without is_causal (any bool or float mask,
+        which no kernel takes): the torch backend, SDPA with the merged additive mask;
+      - ``need_weights=True`` (PyTorch's default) or dropout while training: PyTorch's own
+        ``multi_head_attention_forward``, as the weights are asked for.
+    Pass ``need_weights=False`` to get the fused path. Returns (output, weights or None).
+    Not supported (rejected by from_module): add_bias_kv, add_zero_attn.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; expected "
+                "a whole head_dim"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+
+    @classmethod
+    def from_module(cls, mha: nn.MultiheadAttention) -> FusedMultiheadAttention:
+        """A FusedMultiheadAttention with mha's weights (copied), dtype and device."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError(
+                "mha uses add_bias_kv or add_zero_attn, which FusedMultiheadAttention does not "
+                "support; expected a module built without them"
+            )
+        w = mha.out_proj.weight
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+            batch_first=mha.batch_first,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        e = mha.embed_dim
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                wq, wk, wv = mha.in_proj_weight.split(e)
+            else:
+                wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            new.q_proj.weight.copy_(wq)
+            new.k_proj.weight.copy_(wk)
+            new.v_proj.weight.copy_(wv)
+            if mha.in_proj_bias is not None:
+                bq, bk, bv = mha.in_proj_bias.split(e)
+                new.q_proj.bias.copy_(bq)
+                new.k_proj.bias.copy_(bk)
+                new.v_proj.bias.copy_(bv)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        new.train(mha.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"batch_first={self.batch_first}"
+        )
+
+    def _torch_forward(
+        self, query, key, value, key_padding_mask, need_weights, attn_mask, avg, is_causal
+    ):
+        # (L, N, E) layout, as multi_head_attention_forward wants
+        bias = None
+        if self.q_proj.bias is not None:
+            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        return F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            None,
+            bias,
+            None,
+            None,
+            False,
+            self.dropout,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            use_separate_proj_weight=True,
+            q_proj_weight=self.q_proj.weight,
+            k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight,
+            average_attn_weights=avg,
+            is_causal=is_causal,
+        )
+
+    def _additive_mask(self, attn_mask, key_padding_mask, batch, lq, lk, dtype, causal):
+        """Merged float mask (batch, heads, lq, lk): 0 to keep, -inf to drop."""
+        mask = torch.zeros(
+            batch, self.num_heads, lq, lk, dtype=dtype, device=self.q_proj.weight.device
+        )
+        if causal:
+            # what nn.MultiheadAttention does with is_causal: SDPA's top-left causal mask
+            keep = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
+            mask = mask.masked_fill(~keep, float("-inf"))
+        if attn_mask is not None:
+            am = attn_mask
+            if am.dim() == 3:  # (batch * heads, lq, lk)
+                am = am.view(batch, self.num_heads, lq, lk)
+            if am.dtype == torch.bool:
+                mask = mask.masked_fill(am, float("-inf"))
+            else:
+                mask = mask + am.to(dtype)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask.view(batch, 1, 1, lk)
+            if kpm.dtype == torch.bool:
+                mask = mask.masked_fill(kpm, float("-inf"))
+            else:
+                mask = mask + kpm.to(dtype)
+        return mask
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:  # -> (L, N, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+
+        if need_weights or (self.training and self.dropout > 0):
+            out, weights = self._torch_forward(
+                query,
+                key,
+                value,
+                key_padding_mask,
+                need_weights,
+                attn_mask,
+                average_attn_weights,
+                is_causal and attn_mask is not None,
+            )
+        else:
+            weights = None
+            lq, batch, _ = query.shape
+            lk = key.shape[0]
+            # projections in (N, L, E) so that q/k/v are (N, L, H, D) views
+            q = self.q_proj(query.transpose(0, 1)).view(batch, lq, self.num_heads, self.head_dim)
+            k = self.k_proj(key.transpose(0, 1)).view(batch, lk, self.num_heads, self.head_dim)
+            v = self.v_proj(value.transpose(0, 1)).view(batch, lk, self.num_heads, self.head_dim)
+            if (
+                key_padding_mask is None
+                and (attn_mask is None or is_causal)
+                and (
+                    not is_causal or lq == lk  # is_causal in PyTorch is top-left aligned
+                )
+            ):
+                o = attention(q, k, v, causal=is_causal)
+            else:
+                o = self._masked(q, k, v, attn_mask, key_padding_mask, batch, lq, lk, is_causal)
+            out = self.out_proj(o.reshape(batch, lq, self.embed_dim)).transpose(0, 1)
+
+        if unbatched:
+            return out.squeeze(1), (weights.squeeze(0) if weights is not None else None)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _masked(self, q, k, v, attn_mask, key_padding_mask, batch, lq, lk, causal):
+        # served by the torch path: SDPA with the merged additive mask
+        mask = self._additive_mask(
+            None if causal else attn_mask, key_padding_mask, batch, lq, lk, q.dtype, causal
+        )
+        return _sdpa(q, k, v, mask=mask)
