@@ -1,4 +1,4 @@
-"""The `fastllm` command: `fastllm doctor`, `fastllm bench`."""
+"""The `fastllm` command: `fastllm optimize`, `fastllm doctor`, `fastllm bench`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,18 @@ def main(argv: list[str] | None = None) -> int:
     from fastllm.bench.runner import add_arguments
 
     add_arguments(bench)
+    opt = sub.add_parser(
+        "optimize", help="the float model against each fastllm configuration: speed, accuracy"
+    )
+    from fastllm.optimize_cmd import add_arguments as add_optimize_arguments
+
+    add_optimize_arguments(opt)
     args = parser.parse_args(argv)
+
+    if args.command == "optimize":
+        from fastllm.optimize_cmd import run as optimize
+
+        return optimize(args)
 
     if args.command == "doctor":
         from fastllm.doctor import main as doctor

