@@ -50,6 +50,51 @@ def _attention_kernels(dev: str) -> None:
                 na.decode(qd, kc, vc, bad, None, s, True, -1, 0, 0.0, 1)
 
 
+def _int8_kernels(dev: str) -> None:
+    """The CUDA int8 matmuls through their launchers: W8A8 on both tile shapes with
+    partial tiles in M, N and K, every out dtype; W8A16 with and without split-K."""
+    from fastllm.native import int8 as ni
+
+    def q(*shape):
+        return torch.randint(-128, 128, shape, dtype=torch.int8, device=dev)
+
+    x, w = q(37, 208), q(75, 208)
+    reason = ni.device_reason(x, w)
+    if reason is not None:
+        print(f"sanitize: int8 kernels skipped ({reason})")
+        return
+    for m in (1, 37):
+        for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            bias = torch.randn(75, device=dev).to(out_dtype) if m == 1 else None
+            xs, ws = torch.rand(m, device=dev), torch.rand(75, device=dev)
+            ni.w8a8_linear(x[:m], xs, w, ws, bias, out_dtype)
+    for dtype in (torch.float16, torch.bfloat16):
+        for m in (1, 9, 17, 64):
+            xa = torch.randn(m, 1040, device=dev).to(dtype)
+            wa, ws = q(75, 1040), torch.rand(75, device=dev)
+            for splits in (1, 3):
+                ni.w8a16_linear(xa, wa, ws, torch.randn(75, device=dev), splits=splits)
+
+
+def _sparse_kernels(dev: str) -> None:
+    """The CUDA 2:4 kernel through its launcher: both tile shapes, partial tiles in M
+    and N, split-K."""
+    from fastllm.native import sparse as ns
+    from fastllm.sparse.format import compress_24
+
+    for dtype in (torch.float16, torch.bfloat16):
+        w = torch.randn(75, 192, device=dev).to(dtype)
+        w.view(75, 48, 4)[..., 1::2] = 0
+        values, meta = compress_24(w)
+        reason = ns.supports_sparse24(torch.randn(3, 192, device=dev).to(dtype), values, meta)
+        if reason is not None:
+            print(f"sanitize: sparse kernels skipped ({reason})")
+            return
+        for m, splits in ((1, 1), (5, 3), (33, 1)):
+            xs = torch.randn(m, 192, device=dev).to(dtype)
+            ns.sparse24_linear(xs, values, meta, torch.randn(75, device=dev), splits=splits)
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     dev = "cuda"
@@ -58,6 +103,8 @@ def main() -> None:
             for shape in [(1, 1), (3, 17), (5, 4097), (2, 3, 129)]:
                 fastllm.ops.quantize_per_token(torch.randn(shape, device=dev).to(dtype))
     _attention_kernels(dev)
+    _int8_kernels(dev)
+    _sparse_kernels(dev)
     torch.cuda.synchronize()
     print("sanitize: all CUDA kernels called")
 

@@ -49,4 +49,6 @@ PYBIND11_MODULE(_C, m) {
 
   fastllm::bind_quant(m);
   fastllm::bind_attention(m);
+  fastllm::bind_int8(m);
+  fastllm::bind_sparse(m);
 }

@@ -28,5 +28,7 @@ inline void check(const char* err) {
 
 void bind_quant(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
+void bind_int8(pybind11::module_& m);
+void bind_sparse(pybind11::module_& m);
 
 }  // namespace fastllm

@@ -1,0 +1,40 @@
+// Bindings of the int8 matmul launchers (fastllm/native/int8.py calls them).
+#include "fastllm.h"
+#include "int8/int8.h"
+
+namespace py = pybind11;
+
+namespace fastllm {
+
+void bind_int8(py::module_& m) {
+#ifdef FASTLLM_WITH_CUDA
+  m.def(
+      "int8_w8a8_gemm",
+      [](uintptr_t x, int64_t ldx, uintptr_t x_scale, uintptr_t w, int64_t ldw, uintptr_t w_scale,
+         uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype, int64_t ldo, int64_t M,
+         int64_t N, int64_t K, uintptr_t stream) {
+        check(int8_w8a8_gemm(x, ldx, x_scale, w, ldw, w_scale, bias, bias_dtype, out, out_dtype, ldo,
+                             M, N, K, stream));
+      },
+      py::arg("x"), py::arg("ldx"), py::arg("x_scale"), py::arg("w"), py::arg("ldw"),
+      py::arg("w_scale"), py::arg("bias"), py::arg("bias_dtype"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("ldo"), py::arg("M"), py::arg("N"), py::arg("K"),
+      py::arg("stream"));
+  m.def(
+      "int8_w8a16_gemm",
+      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t w_scale,
+         uintptr_t bias, int bias_dtype, uintptr_t out, int64_t ldo, int64_t M, int64_t N, int64_t K,
+         int splits, uintptr_t workspace, uintptr_t stream) {
+        check(int8_w8a16_gemm(x, x_dtype, ldx, w, ldw, w_scale, bias, bias_dtype, out, ldo, M, N, K,
+                              splits, workspace, stream));
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("w"), py::arg("ldw"),
+      py::arg("w_scale"), py::arg("bias"), py::arg("bias_dtype"), py::arg("out"), py::arg("ldo"),
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("splits"), py::arg("workspace"),
+      py::arg("stream"));
+#else
+  (void)m;
+#endif
+}
+
+}  // namespace fastllm

@@ -1,0 +1,30 @@
+// Launchers of the int8 matmul kernels (no CUDA headers: included by bindings).
+//
+// Pointers are device addresses, sizes and leading dimensions are in elements, and
+// `stream` is a cudaStream_t. Each returns nullptr on success or a static error string.
+// dtype codes are those of dtype.h; bias_dtype is -1 when there is no bias.
+#pragma once
+#include <cstdint>
+
+namespace fastllm {
+
+// w8a8_gemm.cu: out[m, n] = cast((sum_k x[m, k] * w[n, k]) * x_scale[m] * w_scale[n] + bias[n])
+// x [M, K] int8 (row stride ldx), w [N, K] int8 (row stride ldw), x_scale [M] and
+// w_scale [N] float32, bias [N] float32/float16/bfloat16 or none, out [M, N] (row
+// stride ldo) float32/float16/bfloat16. Requires K, ldx and ldw multiples of 16 and
+// 16-byte aligned x and w (16-byte loads); the caller checks.
+const char* int8_w8a8_gemm(uintptr_t x, int64_t ldx, uintptr_t x_scale, uintptr_t w, int64_t ldw,
+                           uintptr_t w_scale, uintptr_t bias, int bias_dtype, uintptr_t out,
+                           int out_dtype, int64_t ldo, int64_t M, int64_t N, int64_t K,
+                           uintptr_t stream);
+
+// w8a16_gemv.cu: out[m, n] = cast(w_scale[n] * sum_k x[m, k] * w[n, k] + bias[n]) for
+// M <= 64, x and out float16/bfloat16 (same dtype). K, ldw multiples of 16, ldx a
+// multiple of 8, x and w 16-byte aligned. With splits > 1 the partial sums go to
+// workspace [splits, M, N] float32 and a second kernel reduces them.
+const char* int8_w8a16_gemm(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, int64_t ldw,
+                            uintptr_t w_scale, uintptr_t bias, int bias_dtype, uintptr_t out,
+                            int64_t ldo, int64_t M, int64_t N, int64_t K, int splits,
+                            uintptr_t workspace, uintptr_t stream);
+
+}  // namespace fastllm
