@@ -82,6 +82,28 @@ def test_sparse24_int8_exact(name, monkeypatch):
         assert y.dtype == torch.int32 and torch.equal(y, ref)
 
 
+@pytest.mark.parametrize("join", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.int8])
+def test_sparse24_triton_both_expansions(join, dtype):
+    # the kernel expands W by split/join (default) or by per-column gathers (fallback)
+    from fastllm.triton_kernels.sparse import sparse24_linear
+
+    M, N, K = 5, 24, 100
+    if dtype == torch.int8:
+        w = torch.randint(-127, 128, (N, K), dtype=dtype, device=DEVICE)
+        x = torch.randint(-127, 128, (M, K), dtype=dtype, device=DEVICE)
+    else:
+        w = torch.randn(N, K, device=DEVICE).to(dtype)
+        x = torch.randn(M, K, device=DEVICE).to(dtype)
+    values, metadata = compress_24(w, prune(w.float()))
+    ref = reference.sparse24_linear(x, values, metadata)
+    y = sparse24_linear(x, values, metadata, None, join=join)
+    if dtype == torch.int8:
+        assert torch.equal(y, ref)
+    else:
+        assert rel_err(y, ref) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("name", available_backends("sparse24_linear"))
 def test_sparse24_leading_dims_strides_no_bias(name):
     values, metadata = _weight24(24, 64, torch.float32)

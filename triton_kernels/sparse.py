@@ -73,6 +73,47 @@ def _block_sparse_linear_kernel(
 
 
 @triton.jit
+def _expand24_join(v_rows, meta_rows, k0, K, n_mask, BLOCK_K: tl.constexpr):
+    """Dense [BLOCK_N, BLOCK_K] tile of W at columns k0.. from contiguous loads of its
+    BLOCK_K/2 values and BLOCK_K/16 metadata words per row."""
+    G: tl.constexpr = BLOCK_K // 4
+    offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    v = tl.load(v_rows + offs_v[None, :], mask=n_mask[:, None] & (offs_v < K // 2)[None, :], other=0)
+    v0, v1 = tl.split(tl.reshape(v, (v.shape[0], G, 2)))  # [BLOCK_N, G] each
+    offs_c = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    word = tl.load(
+        meta_rows + offs_c[None, :], mask=n_mask[:, None] & (offs_c * 16 < K)[None, :], other=0
+    ).to(tl.int32)
+    nib = (word[:, :, None] >> (4 * tl.arange(0, 4))[None, None, :]) & 15
+    nib = tl.reshape(nib, (v.shape[0], G))  # group order: word c holds groups 4c..4c+3
+    i0 = nib & 3
+    i1 = nib >> 2
+    zero = tl.zeros_like(v0)
+    d0 = tl.where(i0 == 0, v0, zero)  # position 0 can only be the first kept element
+    d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+    d3 = tl.where(i1 == 3, v1, zero)  # position 3 can only be the second
+    # [BLOCK_N, G, 2 (b), 2 (a)] holds position 2b + a, so its row-major order is k order
+    w = tl.join(tl.join(d0, d2), tl.join(d1, d3))
+    return tl.reshape(w, (v.shape[0], BLOCK_K))
+
+
+@triton.jit
+def _expand24_gather(v_rows, meta_rows, k0, K, n_mask, BLOCK_K: tl.constexpr):
+    """The same tile, each column gathering its group's values and word (simpler, more
+    load instructions; kept as a fallback if join/reshape ever misbehave)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k = k0 + offs_k
+    w_mask = n_mask[:, None] & (k < K)[None, :]
+    word = tl.load(meta_rows + (k // 16)[None, :], mask=w_mask, other=0).to(tl.int32)
+    nib = (word >> (4 * ((offs_k // 4) % 4))[None, :]) & 15
+    v0 = tl.load(v_rows + (2 * (k // 4))[None, :], mask=w_mask, other=0)
+    v1 = tl.load(v_rows + (2 * (k // 4) + 1)[None, :], mask=w_mask, other=0)
+    pos = (offs_k % 4)[None, :]
+    return tl.where(pos == (nib & 3), v0, tl.where(pos == (nib >> 2), v1, tl.zeros_like(v0)))
+
+
+@triton.jit
 def _sparse24_linear_kernel(
     # pointers
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
@@ -83,7 +124,7 @@ def _sparse24_linear_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    INT8: tl.constexpr,
+    INT8: tl.constexpr, JOIN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -96,23 +137,17 @@ def _sparse24_linear_kernel(
     v_rows = values_ptr + offs_n.to(tl.int64)[:, None] * stride_vn
     meta_rows = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_metan
 
-    # where column k sits: group g = k // 4, position k % 4, nibble (k // 4) % 4 of word k // 16
-    pos = (offs_k % 4)[None, :]
-    shift = (4 * ((offs_k // 4) % 4))[None, :]
     if INT8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
-        k_mask = k < K
-        x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        word = tl.load(meta_rows + (k // 16)[None, :], mask=w_mask, other=0).to(tl.int32)
-        nib = (word >> shift) & 15
-        v0 = tl.load(v_rows + (2 * (k // 4))[None, :], mask=w_mask, other=0)
-        v1 = tl.load(v_rows + (2 * (k // 4) + 1)[None, :], mask=w_mask, other=0)
-        w = tl.where(pos == (nib & 3), v0, tl.where(pos == (nib >> 2), v1, tl.zeros_like(v0)))
+        x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0)
+        if JOIN:
+            w = _expand24_join(v_rows, meta_rows, k0, K, n_mask, BLOCK_K)
+        else:
+            w = _expand24_gather(v_rows, meta_rows, k0, K, n_mask, BLOCK_K)
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -155,7 +190,7 @@ def block_sparse_linear(x, crow, col, blocks, bias, N: int) -> torch.Tensor:
     return y
 
 
-def sparse24_linear(x, values, metadata, bias) -> torch.Tensor:
+def sparse24_linear(x, values, metadata, bias, join: bool = True) -> torch.Tensor:
     """x [M, K] (unit stride on K), values [N, K/2] and int16 metadata [N, ceil(K/16)]
     (unit stride on the last dim), bias [N] or None -> y [M, N] (int32 for int8 x)."""
     M, K = x.shape
@@ -179,6 +214,6 @@ def sparse24_linear(x, values, metadata, bias) -> torch.Tensor:
         x.stride(0), values.stride(0), metadata.stride(0), y.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=_precision(x.dtype, upcast),
-        INT8=int8, num_warps=4,
+        INT8=int8, JOIN=join, num_warps=4,
     )
     return y

@@ -209,7 +209,8 @@ def decompress_24_unchecked(values: torch.Tensor, metadata: torch.Tensor) -> tor
     table lookup per 16-column chunk and one scatter: the torch backend's hot path."""
     N, C = metadata.shape
     K = 2 * values.shape[1]
-    cols = _chunk_columns(metadata.device)[metadata.to(torch.int64) & 0xFFFF]  # (N, C, 8)
+    words = (metadata.to(torch.int64) & 0xFFFF).view(-1)
+    cols = _chunk_columns(metadata.device).index_select(0, words).view(N, C, 8)
     dense = torch.zeros(N, C, 16, dtype=values.dtype, device=values.device)
     if K != 16 * C:  # the last chunk holds fewer than 8 values
         vals = torch.zeros(N, C * 8, dtype=values.dtype, device=values.device)
