@@ -71,7 +71,15 @@ class SmoothResult:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def runtime_scale(self, name: str) -> torch.Tensor | None:
+        """The smooth_scale to give Int8Linear.from_linear for layer `name`: s where it
+        is kept for run time, None where it was folded (the weight already holds s) or
+        not applied."""
         return self.scales[name] if name in self.runtime else None
+
+    def get(self, name: str, default=None) -> torch.Tensor | None:
+        """Like dict.get over the run-time smooth scales (``runtime_scale``)."""
+        s = self.runtime_scale(name)
+        return default if s is None else s
 
     def __str__(self) -> str:
         lines = [

@@ -119,6 +119,8 @@ def test_smoothing_keeps_float_output_and_folds_where_it_can():
             assert "does not come straight from a norm" in result.skipped[f"blocks.{i}.{n}"]
     assert "also feeds something other than a linear" in result.skipped["head"]
     assert not result.runtime
+    # folded layers get no run-time scale: their weights already hold s
+    assert result.get("blocks.0.q") is None and result.runtime_scale("blocks.0.q") is None
     # the fold really happened: the outlier channels of ln1 shrank
     s = result.scales["blocks.0.q"].to(DEVICE)
     torch.testing.assert_close(m.blocks[0].ln1.weight.detach(), ln1_weight / s)
@@ -169,6 +171,7 @@ def test_runtime_smoothing_for_unfoldable_layers():
     assert len(replaced) == 15
     assert m.blocks[0].o.smooth_scale is not None and m.blocks[0].q.smooth_scale is None
     torch.testing.assert_close(m.head.smooth_scale, result.scales["head"].to(DEVICE))
+    assert result.get("head") is result.scales["head"]
     with torch.no_grad():
         assert sqnr_db(m(x), ref) >= 25
 
