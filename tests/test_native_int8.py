@@ -5,6 +5,7 @@ sizing, architecture matching). With a GPU (`gpu` marker): the kernels called di
 at real and odd sizes against references written here, outputs poisoned.
 """
 
+import numpy as np
 import pytest
 import torch
 from conftest import HAS_GPU, poison_empty, rel_err
@@ -229,3 +230,205 @@ def test_w8a16_one_hot_is_exact(dtype, M, monkeypatch):
     assert torch.equal(out.float(), w[:, cols].t().float())
     out = nint8.w8a16_linear(x, w, torch.ones(N, device=CUDA), None, splits=4)
     assert torch.equal(out.float(), w[:, cols].t().float())
+
+
+# --- CPU emulation of the kernels' index math and bit tricks ------------------------------
+#
+# The helpers restate the kernels' formulas (csrc/int8/*.cu) and the PTX ISA's
+# definitions of ldmatrix and of the mma fragments; together they must reproduce the
+# exact integer products.
+
+
+def _byte_perm(x: int, y: int, s: int) -> int:
+    """CUDA __byte_perm: result byte i is byte (s >> 4i) & 7 of the 8 bytes {x, y}."""
+    b = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(b[(s >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+
+def _f32(bits: int) -> float:
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def _f16x2(bits: int) -> tuple[float, float]:
+    h = np.array([bits], dtype=np.uint32).view(np.float16).astype(np.float64)
+    return float(h[0]), float(h[1])
+
+
+def _dequant4(word: int, bf16: bool) -> list[float]:
+    """dequant4 of w8a16_gemv.cu: 4 int8 in a word -> their values (lo pair, hi pair)."""
+    u = word ^ 0x80808080
+    if bf16:
+        vals = [
+            np.float32(_f32(_byte_perm(u, 0x4B000000, 0x7540 | i))) - np.float32(8388736.0)
+            for i in range(4)
+        ]
+        return [float(v) for v in vals]
+    lo = _f16x2(_byte_perm(u, 0x64646464, 0x4140))
+    hi = _f16x2(_byte_perm(u, 0x64646464, 0x4342))
+    return [v - 1152.0 for v in (*lo, *hi)]  # __hsub2 of exact halves: exact
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dequant_bit_tricks_all_int8_values(bf16):
+    vals = np.arange(-128, 128, dtype=np.int8)
+    for shift in range(4):  # every value in every byte position
+        words = np.zeros((256, 4), dtype=np.int8)
+        words[:, shift] = vals
+        words[:, (shift + 1) % 4] = vals[::-1]
+        for row in words:
+            word = int(row.view(np.uint32)[0])
+            assert _dequant4(word, bf16) == [float(v) for v in row]
+
+
+def _mma_m16n8k16(a, b) -> np.ndarray:
+    """PTX mma.m16n8k16 f16/bf16 fragments: a[lane] 4 regs x 2 values, b[lane] 2 regs x
+    2 values. A[g + 8*(r%2)][2t + 8*(r//2) + i] = a[lane][r][i]; B[2t + 8*r + i][g] = b[lane][r][i]."""
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for r in range(4):
+            for i in range(2):
+                A[g + 8 * (r % 2), 2 * t + 8 * (r // 2) + i] = a[lane][r][i]
+        for r in range(2):
+            for i in range(2):
+                B[2 * t + 8 * r + i, g] = b[lane][r][i]
+    return A @ B
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_w8a16_warp_emulation(bf16):
+    """One warp, one 64-column chunk: the 16-byte loads, the shared k permutation and
+    the fragment assembly of w8a16_kernel give W x^T exactly."""
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randint(-128, 128, (16, 64), generator=gen, dtype=torch.int8).numpy()
+    X = torch.randint(-4, 5, (8, 64), generator=gen).numpy().astype(np.float64)
+    acc = np.zeros((16, 8))
+    for s in range(4):
+        a, b = [], []
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            w_lo = W[g, t * 16 : t * 16 + 16].view(np.uint32)  # 16-byte load, row g
+            w_hi = W[g + 8, t * 16 : t * 16 + 16].view(np.uint32)  # row g + 8
+            d0, d1 = _dequant4(int(w_lo[s]), bf16), _dequant4(int(w_hi[s]), bf16)
+            a.append([d0[0:2], d1[0:2], d0[2:4], d1[2:4]])  # a[0], a[1], a[2], a[3]
+            xv = X[g, t * 16 : t * 16 + 16]  # the thread's 16 x values (two 16-byte loads)
+            b.append([xv[4 * s : 4 * s + 2], xv[4 * s + 2 : 4 * s + 4]])  # words 2s, 2s+1
+        acc += _mma_m16n8k16(a, b)
+    np.testing.assert_array_equal(acc, W.astype(np.float64) @ X.T)
+
+
+def _swz64(row, chunk):
+    return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4)
+
+
+def _ldmatrix_x4(smem: np.ndarray, addrs) -> np.ndarray:
+    """PTX ldmatrix .x4: lane i gets bytes 4*(i%4).. of row i//4 of matrix j (rows given by
+    lanes 8j..8j+7) in register j."""
+    regs = np.zeros((32, 4, 4), dtype=np.uint8)
+    for j in range(4):
+        for i in range(32):
+            a = addrs[8 * j + i // 4] + 4 * (i % 4)
+            regs[i, j] = smem[a : a + 4]
+    return regs
+
+
+def _mma_m16n8k32_s8(a, b) -> np.ndarray:
+    """PTX mma.m16n8k32 s8: A[g + 8*(r%2)][4t + 16*(r//2) + i] = byte i of a[lane][r];
+    B[4t + 16*r + i][g] = byte i of b[lane][r]."""
+    A, B = np.zeros((16, 32), np.int64), np.zeros((32, 8), np.int64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for r in range(4):
+            A[g + 8 * (r % 2), 4 * t + 16 * (r // 2) : 4 * t + 16 * (r // 2) + 4] = a[lane][r].view(
+                np.int8
+            )
+        for r in range(2):
+            B[4 * t + 16 * r : 4 * t + 16 * r + 4, g] = b[lane][r].view(np.int8)
+    return A @ B
+
+
+@pytest.mark.parametrize("BM,BN,WM,WN", [(32, 64, 2, 2), (128, 128, 2, 4)])
+def test_w8a8_block_emulation(BM, BN, WM, WN):
+    """One block of w8a8_gemm_kernel with partial tiles in M, N and K (zero-filled K tail,
+    clamped rows): the swizzled cp.async stores, the ldmatrix addresses and the mma
+    fragments give the exact int32 accumulators, and the epilogue indexing puts them
+    where they belong."""
+    gen = torch.Generator().manual_seed(BM)
+    M, N, K = BM - 3, BN - 5, 64 + 48
+    X = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8).numpy()
+    W = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8).numpy()
+    TM, TN = BM // WM, BN // WN
+    acc = np.zeros((BM, BN), np.int64)
+    for kt in range((K + 63) // 64):
+        sa, sb = np.zeros(BM * 64, np.uint8), np.zeros(BN * 64, np.uint8)
+        for smem, src, rows, n_rows in ((sa, X, BM, M), (sb, W, BN, N)):
+            for r in range(rows):
+                for c in range(4):
+                    k = kt * 64 + c * 16
+                    if k < K:  # else: src-size 0, zero fill
+                        smem[_swz64(r, c) : _swz64(r, c) + 16] = src[
+                            min(r, n_rows - 1), k : k + 16
+                        ].view(np.uint8)
+        for warp in range(WM * WN):
+            wm, wn = warp // WN, warp % WN
+            for kk in range(2):
+                a = [
+                    _ldmatrix_x4(
+                        sa,
+                        [
+                            _swz64(
+                                wm * TM + i * 16 + (ln & 7) + ((ln >> 3) & 1) * 8,
+                                2 * kk + (ln >> 4),
+                            )
+                            for ln in range(32)
+                        ],
+                    )
+                    for i in range(TM // 16)
+                ]
+                b = []
+                for j in range(0, TN // 8, 2):
+                    q = _ldmatrix_x4(
+                        sb,
+                        [
+                            _swz64(
+                                wn * TN + j * 8 + (ln & 7) + ((ln >> 4) << 3),
+                                2 * kk + ((ln >> 3) & 1),
+                            )
+                            for ln in range(32)
+                        ],
+                    )
+                    b.append(q[:, 0:2])
+                    b.append(q[:, 2:4])
+                for i in range(TM // 16):
+                    for j in range(TN // 8):
+                        r0, c0 = wm * TM + i * 16, wn * TN + j * 8
+                        acc[r0 : r0 + 16, c0 : c0 + 8] += _mma_m16n8k32_s8(a[i], b[j])
+    ref = X.astype(np.int64) @ W.astype(np.int64).T
+    np.testing.assert_array_equal(acc[:M, :N], ref)
+    # epilogue: element e of tile (i, j) of lane (g, t) goes to row g + 8 * (e // 2), col 2t + e % 2
+    for warp in range(WM * WN):
+        wm, wn = warp // WN, warp % WN
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            for i in range(TM // 16):
+                for h in range(2):
+                    m = wm * TM + i * 16 + g + 8 * h
+                    for j in range(TN // 8):
+                        n = wn * TN + j * 8 + 2 * t
+                        # D fragment of the PTX ISA: c[2h + e] is row g + 8h, column 2t + e
+                        assert (m % 16, n % 8) == (g + 8 * h, 2 * t)
+
+
+@pytest.mark.parametrize("tiles_m,tiles_n", [(1, 1), (3, 5), (8, 2), (17, 9), (40, 1), (1, 33)])
+def test_w8a8_rasterization_is_a_bijection(tiles_m, tiles_n):
+    """The grouped block order of w8a8_gemm_kernel visits every output tile once."""
+    group = 8
+    seen = set()
+    for pid in range(tiles_m * tiles_n):
+        width = group * tiles_n
+        first_m = (pid // width) * group
+        gsize = min(tiles_m - first_m, group)
+        tm, tn = first_m + (pid % width) % gsize, (pid % width) // gsize
+        assert 0 <= tm < tiles_m and 0 <= tn < tiles_n
+        seen.add((tm, tn))
+    assert len(seen) == tiles_m * tiles_n
