@@ -93,8 +93,8 @@ def _tensor_reason(name: str, t: torch.Tensor, *, vector_dims: int) -> str | Non
         return None
     if t.data_ptr() % 16 != 0:
         return f"{name} is not 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16})"
-    strides = t.stride()[-vector_dims - 1 : -1]
-    if any(s % 8 != 0 for s in strides):
+    dims = range(t.dim() - vector_dims - 1, t.dim() - 1)
+    if any(t.stride(i) % 8 != 0 for i in dims if t.shape[i] > 1):  # size-1 dims: never stepped
         return f"{name} has strides {tuple(t.stride())}; the kernels need multiples of 8 elements"
     return None
 
