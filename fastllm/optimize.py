@@ -57,6 +57,8 @@ class LinearConfig:
     block_size:  block only: (rows, cols) of a tile; must divide the layer's shape
     skip:        layer names kept in float: a name matches a layer whose qualified name
                  equals it or ends with "." + it
+    unfoldable:  SmoothQuant, for layers with no norm to fold the scales into: "runtime"
+                 divides their input by s at run time, "skip" leaves them unsmoothed
     """
 
     kind: str
@@ -66,6 +68,7 @@ class LinearConfig:
     density: float = 0.5
     block_size: tuple[int, int] = (64, 64)
     skip: tuple[str, ...] = ("lm_head",)
+    unfoldable: str = "runtime"
 
     def __post_init__(self):
         if self.kind not in LINEAR_KINDS:
@@ -87,6 +90,8 @@ class LinearConfig:
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ValueError(f"skip must be a tuple of layer names, got {self.skip!r}")
         object.__setattr__(self, "skip", tuple(self.skip))
+        if self.unfoldable not in ("runtime", "skip"):
+            raise ValueError(f"unfoldable must be 'runtime' or 'skip', got {self.unfoldable!r}")
         if self.smoothquant and self.kind not in ("w8a8", "2:4+w8a8"):
             raise ValueError(f"smoothquant=True applies to w8a8, not linear={self.kind!r}")
 
@@ -516,7 +521,7 @@ def _linear_targets(model: nn.Module, cfg: LinearConfig, filter_fn, rep: Report)
     return targets
 
 
-def _calibrate(model, cfg: LinearConfig, batches, rep: Report, filter_fn):
+def _calibrate(model, cfg: LinearConfig, batches, rep: Report, names: set[str]):
     """Returns (smooth scales or None, activation norms or None) and records what was done."""
     smooth_scales, act_norms = None, None
     int8 = cfg.kind in ("w8a8", "2:4+w8a8")
@@ -526,9 +531,16 @@ def _calibrate(model, cfg: LinearConfig, batches, rep: Report, filter_fn):
     what = []
     if use_smooth:
         quant = _family_module("fastllm.quant", "smoothquant (w8a8 with calibration)")
-        stats = quant.calibrate(model, batches)
-        smooth_scales = quant.smooth(model, stats, alpha=cfg.alpha)
-        what.append(f"SmoothQuant alpha={cfg.alpha} from {len(batches)} batches")
+        stats = quant.calibrate(model, batches, filter_fn=lambda n, m: n in names)
+        # Sparse24Linear has no run-time scale: only folded smoothing applies to it
+        unfoldable = "skip" if cfg.kind == "2:4+w8a8" else cfg.unfoldable
+        smooth_scales = quant.smooth(model, stats, alpha=cfg.alpha, unfoldable=unfoldable)
+        what.append(
+            f"SmoothQuant alpha={cfg.alpha} from {len(batches)} batches: "
+            f"{len(smooth_scales.folded)} layers folded into a norm, "
+            f"{len(smooth_scales.runtime)} smoothed at run time, "
+            f"{len(smooth_scales.skipped)} not smoothed"
+        )
     elif int8 and cfg.kind.endswith("w8a8"):
         what.append(
             "w8a8 without SmoothQuant (per-token activation scales)"
@@ -539,7 +551,7 @@ def _calibrate(model, cfg: LinearConfig, batches, rep: Report, filter_fn):
             if batches is None:
                 raise ValueError("method='wanda' needs calibration batches (calibration=...)")
             sp = _family_module("fastllm.sparse", f"linear={cfg.kind!r}")
-            act_norms = sp.calibrate(model, batches)
+            act_norms = sp.calibrate(model, batches, filter_fn=lambda n, m: n in names)
             what.append(f"Wanda activation norms from {len(batches)} batches")
         else:
             what.append(
@@ -564,7 +576,7 @@ def _family_module(where: str, option: str):
         raise
 
 
-def _build_linear(kind, lin, name, cfg, smooth_scales, act_norms, method):
+def _build_linear(kind, lin: nn.Linear, name, cfg, smooth_scales, act_norms, method):
     act_norm = act_norms.get(name) if act_norms is not None and method == "wanda" else None
     if act_norm is not None and not isinstance(act_norm, torch.Tensor):
         act_norm = act_norm.norm  # fastllm.calibration.InputStats
@@ -585,14 +597,7 @@ def _build_linear(kind, lin, name, cfg, smooth_scales, act_norms, method):
         )
     # "2:4+w8a8"
     cls = _family("Sparse24Linear", "fastllm.nn", "linear='2:4+w8a8'")
-    scale = smooth_scales.get(name) if smooth_scales is not None else None
-    try:
-        return cls.from_linear(lin, method=m, act_norm=act_norm, int8="w8a8", smooth_scale=scale)
-    except TypeError:
-        raise NotImplementedError(
-            "linear='2:4+w8a8' needs Sparse24Linear over int8 values, which this version of "
-            "fastllm.nn.Sparse24Linear does not provide yet"
-        ) from None
+    return cls.from_linear(lin, method=m, act_norm=act_norm, int8=True)
 
 
 def _swap_linears(model, cfg: LinearConfig, batches, filter_fn, rep: Report) -> None:
@@ -609,20 +614,32 @@ def _swap_linears(model, cfg: LinearConfig, batches, filter_fn, rep: Report) -> 
     if not targets:
         rep.calibration = "none: no float linear layer to swap"
         return
-    smooth_scales, act_norms, method = _calibrate(model, cfg, batches, rep, filter_fn)
+    # GPT-2's Conv1D becomes the equivalent nn.Linear first, so that calibration hooks
+    # and SmoothQuant see it like any other linear layer.
+    conv, as_lin = {}, {}
+    for i, (parent, attr, name, child) in enumerate(targets):
+        if _is_conv1d(child):
+            lin = as_lin.setdefault(id(child), _as_linear(child))
+            conv[name] = child
+            setattr(parent, attr, lin)
+            targets[i] = (parent, attr, name, lin)
+    names = {t[2] for t in targets}
+    smooth_scales, act_norms, method = _calibrate(model, cfg, batches, rep, names)
     done: dict[int, nn.Module] = {}
     for parent, attr, name, child in targets:
-        before = type(child).__name__
+        before = "Conv1D" if name in conv else type(child).__name__
         if id(child) in done:  # one module used in two places stays one module
             setattr(parent, attr, done[id(child)])
             rep.layers.append(LayerEntry(name, "linear", "swapped", before,
                                          type(done[id(child)]).__name__, "shared module"))  # fmt: skip
             continue
         try:
-            new = _build_linear(
-                cfg.kind, _as_linear(child), name, cfg, smooth_scales, act_norms, method
-            )
+            new = _build_linear(cfg.kind, child, name, cfg, smooth_scales, act_norms, method)
         except ValueError as e:
+            if name in conv:  # back to Conv1D, keeping what SmoothQuant folded into the weight
+                with torch.no_grad():
+                    conv[name].weight.copy_(child.weight.t())
+                setattr(parent, attr, conv[name])
             rep.layers.append(
                 LayerEntry(name, "linear", "skipped", before, None, f"shape unsupported: {e}")
             )

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per timed batch")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per configuration")
+    parser.add_argument(
+        "--sentences",
+        type=int,
+        default=None,
+        help="use the first N built-in sentences (default: all)",
+    )
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence, at most")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
@@ -198,10 +204,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--dtype must be float32, bfloat16 or float16, got {dtype_name!r}")
     dtype = getattr(torch, dtype_name)
 
+    sentences = SENTENCES if args.sentences is None else SENTENCES[: args.sentences]
+    if len(sentences) < 1:
+        raise SystemExit("--sentences must be >= 1")
     path = model_dir(args.model)
     tok, base = load_model(path, device, dtype)
-    eval_batches = make_batches(tok, SENTENCES, args.batch_size, args.max_length, device)
-    calib = make_batches(tok, SENTENCES[::4], args.batch_size, args.max_length, device)
+    eval_batches = make_batches(tok, sentences, args.batch_size, args.max_length, device)
+    calib = make_batches(tok, sentences[::4], args.batch_size, args.max_length, device)
     timed = eval_batches[0]
     progress = _Progress((len(names) + 1) * args.repeats + len(names), args.no_progress)
 
@@ -251,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": dtype_name,
         "batch_size": timed["input_ids"].shape[0],
         "tokens_per_sentence_max": timed["input_ids"].shape[1],
-        "sentences": len(SENTENCES),
+        "sentences": len(sentences),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "rows": rows,
