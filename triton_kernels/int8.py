@@ -28,7 +28,26 @@ import triton.language as tl
 
 from fastllm.backend import triton_interpreted
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_SM_COUNT: dict[int, int] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return (0, 0)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 # --- W8A8 ----------------------------------------------------------------------------
@@ -85,7 +104,7 @@ def _int8_w8a8_linear_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _w8a8_config(M: int, N: int, K: int) -> dict:
+def _w8a8_config(M: int, N: int, K: int, big_smem: bool = False) -> dict:
     if triton_interpreted():
         # few, large programs: the interpreter's cost is per program
         bm = min(max(triton.next_power_of_2(M), 16), 64)
@@ -98,7 +117,9 @@ def _w8a8_config(M: int, N: int, K: int) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
     if M <= 256:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if big_smem:  # sm_90 (228 KB of shared memory): wide tiles for wgmma
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def int8_w8a8_linear(x, x_scale, w, w_scale, bias, out_dtype):
@@ -109,7 +130,7 @@ def int8_w8a8_linear(x, x_scale, w, w_scale, bias, out_dtype):
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    cfg = _w8a8_config(M, N, K)
+    cfg = _w8a8_config(M, N, K, big_smem=_capability(x.device) >= (9, 0))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _int8_w8a8_linear_kernel[grid](
         x, x_scale, w, w_scale, bias if bias is not None else w_scale, out,
@@ -204,18 +225,6 @@ def _splitk_epilogue_kernel(
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(out_ptr + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _w8a16_config(M: int, N: int, K: int, device: torch.device, split_k: int | None) -> dict:
