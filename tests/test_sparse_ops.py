@@ -30,7 +30,7 @@ def _weight24(N, K, dtype):
 
 def _shapes24(name):
     if name == "triton" and SMALL:
-        return [(1, 40, 200), (3, 24, 64), (17, 16, 132)]
+        return [(1, 40, 200), (3, 24, 64), (17, 16, 132), (130, 72, 36)]
     return [(m, n, k) for m in (1, 3, 17, 257) for n, k in ((96, 200), (1000, 4096))]
 
 
@@ -148,7 +148,7 @@ def test_reference_against_float64():
 
 def _block_cases(name):
     if name == "triton" and SMALL:
-        return [((1, 64, 96), (16, 32)), ((17, 96, 64), (32, 16))]
+        return [((1, 64, 96), (16, 32)), ((17, 96, 64), (32, 16)), ((130, 32, 64), (16, 16))]
     return [((m, 384, 640), (64, 64)) for m in (1, 3, 17, 257)] + [((5, 96, 160), (16, 32))]
 
 

@@ -165,7 +165,7 @@ def _precision(dtype: torch.dtype, upcast: bool):
 
 
 def _block_m(M: int) -> int:
-    return 16 if M <= 16 else 32 if M <= 32 else 64
+    return 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
 
 
 def block_sparse_linear(x, crow, col, blocks, bias, N: int) -> torch.Tensor:
@@ -185,7 +185,7 @@ def block_sparse_linear(x, crow, col, blocks, bias, N: int) -> torch.Tensor:
         x.stride(0), y.stride(0),
         BN=bn, BK=bk, BLOCK_M=BLOCK_M,
         HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=_precision(x.dtype, upcast),
-        num_warps=4 if bn * bk <= 64 * 64 else 8,
+        num_warps=8 if BLOCK_M * bn >= 128 * 64 or bn * bk > 64 * 64 else 4,
     )
     return y
 
@@ -214,6 +214,6 @@ def sparse24_linear(x, values, metadata, bias, join: bool = True) -> torch.Tenso
         x.stride(0), values.stride(0), metadata.stride(0), y.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=_precision(x.dtype, upcast),
-        INT8=int8, JOIN=join, num_warps=4,
+        INT8=int8, JOIN=join, num_warps=8 if BLOCK_M * BLOCK_N >= 128 * 64 else 4,
     )
     return y

@@ -11,7 +11,9 @@ functions below; the custom ops pass them through unchanged) and return y:
     bias      [N] or None     x2's dtype, contiguous; always None for int8
     y         [M, N]          new contiguous tensor, x2's dtype; int32 (the exact
                               accumulator) for int8 x2
-    All on one device.
+    All on one device. A backend registers as
+    ``@backend.register("sparse24_linear", name, supports=fn)`` with
+    ``fn(x2, values, metadata, bias) -> None | reason``, like fastllm/ops/quant.py.
 
 ``block_sparse_linear`` impl(x2, crow, col, blocks, bias, N) -> y
     x2        [M, K]          float32/float16/bfloat16, stride(1) == 1, M >= 1
@@ -74,13 +76,7 @@ def _sparse24_torch(x2, values, metadata, bias):
     return F.linear(x2, w, bias)
 
 
-def _sparse24_triton_supports(x2, values, metadata, bias):
-    if x2.shape[1] % 4:
-        return f"K = {x2.shape[1]} is not a multiple of 4"
-    return None
-
-
-@backend.register("sparse24_linear", "triton", supports=_sparse24_triton_supports)
+@backend.register("sparse24_linear", "triton")
 def _sparse24_triton(x2, values, metadata, bias):
     from fastllm.triton_kernels.sparse import sparse24_linear
 
