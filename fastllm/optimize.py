@@ -501,6 +501,14 @@ def _linear_targets(model: nn.Module, cfg: LinearConfig, filter_fn, rep: Report)
                 if full not in seen:
                     rep.layers.append(LayerEntry(full, "linear", "kept", type(child).__name__))
                 continue
+            if isinstance(child, nn.MultiheadAttention):
+                # its forward reads out_proj.weight directly; it never calls out_proj
+                name_out = f"{full}.out_proj"
+                if name_out not in seen:
+                    rep.layers.append(LayerEntry(name_out, "linear", "skipped", "Linear", None,
+                                                 "inside nn.MultiheadAttention, which reads its "
+                                                 "weight directly (attention=True swaps the module)"))  # fmt: skip
+                continue
             if isinstance(child, nn.Linear) or _is_conv1d(child):
                 before = type(child).__name__
                 if _name_matches(full, cfg.skip):

@@ -1,0 +1,211 @@
+"""fastllm.optimize on plain PyTorch models: the module swap, its rules, the report."""
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+import fastllm
+from fastllm.optimize import LINEAR_KINDS, LINEAR_OPTIONS, FusedTransformerEncoderLayer
+
+
+class MLP(nn.Module):
+    def __init__(self, d=64, hidden=128, out=32):
+        super().__init__()
+        self.up = nn.Linear(d, hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(hidden, d)
+        self.lm_head = nn.Linear(d, out, bias=False)
+
+    def forward(self, x):
+        return self.lm_head(x + self.down(self.act(self.up(x))))
+
+
+def _swapped(model):
+    return {e.name: e.after for e in fastllm.report(model).swapped}
+
+
+@pytest.mark.parametrize(
+    "kind, cls, max_err",
+    [
+        ("w8a8", "Int8Linear", 0.05),
+        ("w8a16", "Int8Linear", 0.01),
+        ("2:4", "Sparse24Linear", None),
+        ("block", "BlockSparseLinear", None),
+        ("2:4+w8a8", "Sparse24Linear", None),
+    ],
+)
+def test_mlp_linear_kinds(kind, cls, max_err):
+    model = MLP().eval()
+    x = torch.randn(3, 7, 64)
+    ref = model(x)
+    opts = {"block_size": (32, 32)} if kind == "block" else {}
+    out_model = fastllm.optimize(model, linear=kind, **opts)
+    assert out_model is model
+    assert _swapped(model) == {"up": cls, "down": cls}
+    assert isinstance(model.lm_head, nn.Linear)  # kept in float by default
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    if max_err is not None:
+        assert rel_err(out, ref) < max_err
+    rep = fastllm.report(model)
+    served = {e.name: e.backend for e in rep.layers}
+    assert served["up"] == "torch" and served["down"] == "torch"
+    skipped = {e.name: e.reason for e in rep.skipped}
+    assert "kept in float" in skipped["lm_head"]
+    assert "no calibration batches" in rep.calibration or kind == "w8a16"
+
+
+def test_sparse_layers_are_sparse():
+    model = MLP().eval()
+    fastllm.optimize(model, linear="block", block_size=(32, 32), density=0.25)
+    assert model.up.density == pytest.approx(0.25)
+    fastllm.optimize(m2 := MLP().eval(), linear="2:4")
+    w = m2.up.values  # (out, in/2): half the weights are stored
+    assert w.shape == (128, 32)
+
+
+def test_skip_filter_and_unsupported_shape():
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64), nn.Linear(64, 64))
+    fastllm.optimize(
+        model,
+        linear="block",
+        block_size=(64, 64),
+        skip=("3",),
+        filter_fn=lambda name, m: name != "2",
+    )
+    rep = fastllm.report(model)
+    reasons = {e.name: e.reason for e in rep.skipped}
+    assert "shape unsupported" in reasons["0"]  # 96 is not a multiple of 64
+    assert reasons["2"] == "filtered out by filter_fn"
+    assert "kept in float" in reasons["3"]
+    assert all(isinstance(model[i], nn.Linear) for i in (0, 2, 3))
+
+
+def test_idempotent():
+    model = MLP().eval()
+    x = torch.randn(2, 5, 64)
+    fastllm.optimize(model, linear="w8a16")
+    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    modules = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        first = model(x)
+    fastllm.optimize(model, linear="w8a16")
+    assert [type(m) for m in model.modules()] == modules
+    after = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(model(x), first)
+    rep = fastllm.report(model)
+    assert {e.name for e in rep.layers if e.action == "swapped"} == {"up", "down"}
+    assert any("called again" in n for n in rep.notes)
+
+
+def test_nothing_to_swap():
+    model = nn.Sequential(nn.ReLU(), nn.Tanh())
+    assert fastllm.optimize(model, linear="w8a8") is model
+    rep = fastllm.report(model)
+    assert rep.layers == []
+    assert any("nothing to swap" in n for n in rep.notes)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="density") as e:
+        fastllm.optimize(MLP(), linear="block", densty=0.3)
+    for name in LINEAR_OPTIONS:
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="w8a8") as e:
+        fastllm.optimize(MLP(), linear="int4")
+    for kind in LINEAR_KINDS:
+        assert kind in str(e.value)
+    with pytest.raises(ValueError, match="density"):
+        fastllm.optimize(MLP(), linear="block", density=1.5)
+    with pytest.raises(ValueError, match="linear=None"):
+        fastllm.optimize(MLP(), density=0.3)
+    with pytest.raises(ValueError, match="backend"):
+        fastllm.optimize(MLP(), backend="gpu")
+    with pytest.raises(ValueError, match="calibration"):
+        fastllm.optimize(MLP(), linear="w8a8", smoothquant=True)
+    with pytest.raises(ValueError, match="not optimized"):
+        fastllm.report(MLP())
+
+
+def test_linear_config_object():
+    cfg = fastllm.LinearConfig("block", density=0.5, block_size=(32, 32))
+    model = MLP().eval()
+    fastllm.optimize(model, linear=cfg)
+    assert model.up.block_size == (32, 32)
+
+
+def test_calibration_smoothquant_and_wanda():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    x = torch.randn(4, 16, 64)
+    x[..., 3] *= 40  # an outlier channel
+    ref = model(x)
+    fastllm.optimize(model, linear="w8a8", calibration=[x[:2], x[2:]])
+    rep = fastllm.report(model)
+    assert "SmoothQuant" in rep.calibration and "2 batches" in rep.calibration
+    with torch.no_grad():
+        assert rel_err(model(x), ref) < 0.05
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    fastllm.optimize(model, linear="2:4", calibration=[x])
+    rep = fastllm.report(model)
+    assert "Wanda" in rep.calibration and rep.options["method"] == "wanda"
+
+
+def test_force_backend():
+    model = MLP().eval()
+    fastllm.optimize(model, linear="w8a16", backend="reference")
+    with fastllm.backend.trace() as calls, torch.no_grad():
+        model(torch.randn(2, 64))
+    assert calls and {b for _, b in calls} == {"reference"}
+    assert fastllm.backend.forced_backend() is None  # restored after the forward
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_attention(batch_first):
+    layer = nn.TransformerEncoderLayer(64, 4, 96, dropout=0.0, batch_first=batch_first)
+    enc = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(3, 11, 64) if batch_first else torch.randn(11, 3, 64)
+    pad = torch.zeros(3, 11, dtype=torch.bool)
+    pad[0, 8:] = True
+    pad[2, 5:] = True
+    with torch.no_grad():
+        ref = enc(x)
+        ref_pad = enc(x, src_key_padding_mask=pad)
+        fastllm.optimize(enc)
+        with fastllm.backend.trace() as calls:
+            out = enc(x)
+        out_pad = enc(x, src_key_padding_mask=pad)
+    assert ("attention", "torch") in calls
+    assert all(isinstance(m, FusedTransformerEncoderLayer) for m in enc.layers)
+    assert type(enc.layers[0].self_attn).__name__ == "FusedMultiheadAttention"
+    assert rel_err(out, ref) < 1e-5
+    valid = ~pad if batch_first else ~pad.T
+    assert rel_err(out_pad[valid], ref_pad[valid]) < 1e-5
+
+
+def test_encoder_linear_only_skips_fast_path():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 1)
+    enc.eval()
+    x = torch.randn(2, 9, 64)
+    ref = enc(x)
+    fastllm.optimize(enc, attention=False, linear="w8a16")
+    with fastllm.backend.trace() as calls, torch.no_grad():
+        out = enc(x)
+    assert ("int8_weight_only_linear", "torch") in calls
+    assert rel_err(out, ref) < 0.02
+
+
+def test_multihead_attention_module():
+    mha = nn.MultiheadAttention(48, 6, batch_first=True).eval()
+    model = nn.ModuleDict({"attn": mha})
+    q = torch.randn(2, 10, 48)
+    ref, _ = mha(q, q, q, need_weights=False)
+    fastllm.optimize(model)
+    out, _ = model["attn"](q, q, q, need_weights=False)
+    assert rel_err(out, ref) < 1e-5
+    assert _swapped(model) == {"attn": "FusedMultiheadAttention"}
