@@ -1,7 +1,8 @@
 """The CUDA attention launchers (fastllm/native/attention.py, csrc/attention/).
 
-On the CPU: the split-count heuristic, the workspace shapes, the supports() reasons, and
-that the head dims the launcher offers are the ones the kernels instantiate. The `gpu`
+On the CPU: the split-count heuristic, the workspace shapes, the supports() reasons, that
+the head dims the launcher offers are the ones the kernels instantiate, and a lane-level
+emulation of both kernels' index math (end of the file). The `gpu`
 tests call the launchers directly, at real sizes, against fastllm.reference.attention,
 with every torch.empty poisoned (NaN) so that an output element the kernels forget to
 write fails the comparison.
@@ -10,6 +11,7 @@ write fails the comparison.
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import HAS_GPU, poison_empty, rel_err
@@ -395,3 +397,404 @@ def test_decode_in_a_cuda_graph():
         torch.cuda.synchronize()
         ref = reference.decode_attention(q, kc, vc, lens, scale=128**-0.5, causal=True)
         assert rel_err(out, ref) <= TOL
+
+
+# --- CPU emulation of the kernels' index math ----------------------------------------------
+#
+# The functions below restate csrc/attention/prefill.cu and decode.cu lane by lane (the
+# shared-memory addresses each lane hands to ldmatrix, the thread -> chunk maps of the tile
+# loads, the masks, the online softmax, the warp merge and the split merge) on top of the
+# PTX ISA's definitions of ldmatrix.x4 (.trans) and of the mma.m16n8k16 fragments. P and
+# the output are rounded to fp16 where the kernels round them. If a lane offset, a fragment
+# register or a mask bound is wrong, the result misses the reference.
+
+_L = np.arange(32)
+_G, _C = _L // 4, _L % 4
+_R4, _H2 = np.arange(4)[None, :, None], np.arange(2)[None, None, :]
+# A (16x16): register r, half h of lane l holds A[g + 8 (r % 2)][2c + h + 8 (r // 2)]
+_A_ROW = np.broadcast_to(_G[:, None, None] + 8 * (_R4 % 2), (32, 4, 2))
+_A_COL = np.broadcast_to(2 * _C[:, None, None] + _H2 + 8 * (_R4 // 2), (32, 4, 2))
+# B (16x8): register r, half h holds B[2c + h + 8 r][g]
+_B_ROW = np.broadcast_to(2 * _C[:, None, None] + _H2 + 8 * np.arange(2)[None, :, None], (32, 2, 2))
+_B_COL = np.broadcast_to(_G[:, None, None], (32, 2, 2))
+# C (16x8): element e holds C[g + 8 (e // 2)][2c + e % 2]
+_C_ROW = _G[:, None] + 8 * (np.arange(4)[None, :] // 2)
+_C_COL = 2 * _C[:, None] + np.arange(4)[None, :] % 2
+_LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
+
+
+def _ldmatrix_x4(smem, addr, trans=False):
+    """addr [32] element offsets (lanes 8i..8i+7: rows of matrix i) -> regs [32, 4, 2]."""
+    m = smem[addr.reshape(4, 8)[:, :, None] + np.arange(8)]  # [matrix, row, col]
+    i, h = np.arange(4)[None, :, None], _H2
+    r, c = (_L // 4)[:, None, None], 2 * (_L % 4)[:, None, None] + h
+    out = m[i, c, r] if trans else m[i, r, c]
+    assert not np.isnan(out).any(), "ldmatrix read shared memory nothing wrote"
+    return out
+
+
+def _mma(d, a, b):
+    """d [32, 4] += A B with a [32, 4, 2] and b [32, 2, 2] fragments."""
+    A, B = np.empty((16, 16)), np.empty((16, 8))
+    A[_A_ROW, _A_COL] = a
+    B[_B_ROW, _B_COL] = b
+    return d + (A @ B)[_C_ROW, _C_COL]
+
+
+def _f16(x):
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
+
+
+def _quad(v, op):
+    for off in (1, 2):
+        v = op(v, v[_L ^ off])
+    return v
+
+
+def _key_range(pos, n, wl, wr):
+    pos = np.asarray(pos)
+    lo = np.zeros_like(pos) if wl < 0 else np.clip(pos - wl, 0, n)
+    hi = np.full_like(pos, n) if wr < 0 else np.clip(pos + wr + 1, 0, n)
+    return lo, hi
+
+
+def _tile_chunks(rows, d, threads=128):
+    """(row, col) of every 16-byte chunk, in the kernels' thread -> chunk order; each once."""
+    cpr = d // 8
+    rpp = threads // cpr
+    tid = np.arange(threads)[:, None]
+    r = tid // cpr + np.arange(rows // rpp)[None, :] * rpp
+    col = np.broadcast_to((tid % cpr) * 8, r.shape)
+    assert len({(a, b) for a, b in zip(r.ravel(), col.ravel())}) == rows * cpr
+    return r.ravel(), col.ravel()
+
+
+def _store_tile(smem, base, stride, rows, d, tile):
+    """cp.async tile load of tile [rows, d] (zero rows where the kernel zero-fills)."""
+    for r, col in zip(*_tile_chunks(rows, d)):
+        smem[base + r * stride + col : base + r * stride + col + 8] = tile[r, col : col + 8]
+
+
+def _rows(src, start, valid, rows):
+    """src[start + r] for r < valid, zeros after: what a zero-filling tile load reads."""
+    tile = np.zeros((rows, src.shape[-1]))
+    n = max(0, min(valid, rows))
+    tile[:n] = src[start : start + n]
+    return tile
+
+
+def _cache_rows(cache, table, b, hk, kb, n_keys):
+    """64 cache rows from key kb: zeros past n_keys and for block ids out of range."""
+    tile = np.zeros((64, cache.shape[-1]))
+    for r in range(64):
+        key = kb + r
+        if key >= n_keys:
+            continue
+        if table is None:
+            tile[r] = cache[b, key, hk]
+        else:
+            blk = int(table[b, key // cache.shape[1]])
+            if 0 <= blk < cache.shape[0]:
+                tile[r] = cache[blk, key % cache.shape[1], hk]
+    return tile
+
+
+def _warp_tile(smem, w, warp, s_base, v_base, key_tiles, d, stride, lo, hi, key0, mask, p):
+    """One warp's S = Q K^T over key_tiles n-tiles, logits, online softmax, O += P V."""
+    nt = key_tiles
+    s = np.zeros((nt, 32, 4))
+    base = s_base + ((_L & 7) + (_L >> 4) * 8) * stride + ((_L >> 3) & 1) * 8
+    for kk in range(d // 16):
+        for np_ in range(nt // 2):
+            bf = _ldmatrix_x4(smem, base + np_ * 16 * stride + kk * 16)
+            s[2 * np_] = _mma(s[2 * np_], w["qf"][kk], bf[:, 0:2])
+            s[2 * np_ + 1] = _mma(s[2 * np_ + 1], w["qf"][kk], bf[:, 2:4])
+    key = key0 + 8 * np.arange(nt)[:, None, None] + 2 * _C[None, :, None] + np.arange(4) % 2
+    if p["softcap"] > 0:
+        s = np.tanh(s * p["scale"] / p["softcap"]) * p["softcap"] * _LOG2E
+    else:
+        s = s * p["scale"] * _LOG2E
+    if mask:
+        lo_e = np.stack([lo[0], lo[0], lo[1], lo[1]], -1)[None]
+        hi_e = np.stack([hi[0], hi[0], hi[1], hi[1]], -1)[None]
+        s = np.where((key < lo_e) | (key >= hi_e), -np.inf, s)
+    alpha = np.zeros((32, 2))
+    for i in range(2):
+        mx = _quad(
+            np.maximum(w["m"][:, i], s[:, :, 2 * i : 2 * i + 2].max(axis=(0, 2))), np.maximum
+        )
+        ref = np.where(mx == -np.inf, 0.0, mx)
+        alpha[:, i] = np.exp2(w["m"][:, i] - ref)
+        w["m"][:, i] = mx
+        s[:, :, 2 * i : 2 * i + 2] = np.exp2(s[:, :, 2 * i : 2 * i + 2] - ref[None, :, None])
+        w["l"][:, i] = w["l"][:, i] * alpha[:, i] + s[:, :, 2 * i : 2 * i + 2].sum(axis=(0, 2))
+    w["acc"] *= alpha[None, :, [0, 0, 1, 1]]
+    base = v_base + ((_L & 7) + ((_L >> 3) & 1) * 8) * stride + (_L >> 4) * 8
+    for j in range(nt // 2):
+        pf = _f16(
+            np.stack(
+                [s[2 * j][:, 0:2], s[2 * j][:, 2:4], s[2 * j + 1][:, 0:2], s[2 * j + 1][:, 2:4]], 1
+            )
+        )
+        for dp in range(d // 16):
+            bf = _ldmatrix_x4(smem, base + j * 16 * stride + dp * 16, trans=True)
+            w["acc"][2 * dp] = _mma(w["acc"][2 * dp], pf, bf[:, 0:2])
+            w["acc"][2 * dp + 1] = _mma(w["acc"][2 * dp + 1], pf, bf[:, 2:4])
+
+
+def _new_warp(d):
+    return {
+        "acc": np.zeros((d // 8, 32, 4)),
+        "m": np.full((32, 2), -np.inf),
+        "l": np.zeros((32, 2)),
+    }
+
+
+def _emulate_prefill(q, k, v, cu_q, cu_k, max_q, p):
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D] packed (float64 numpy) -> out, lse [Hq, Tq]."""
+    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    stride = d + 8
+    out, lse = np.full(q.shape, np.nan), np.full((hq, q.shape[0]), np.nan)
+    for b in range(len(cu_q) - 1):
+        for h in range(hq):
+            for m_block in range(-(-max_q // 64)):
+                q_start, sq = cu_q[b], cu_q[b + 1] - cu_q[b]
+                k_start, sk = cu_k[b], cu_k[b + 1] - cu_k[b]
+                q0 = m_block * 64
+                if q0 >= sq:
+                    continue
+                q_last, hk, shift = min(q0 + 64, sq) - 1, h // (hq // hkv), sk - sq
+                lo_first, hi_first = _key_range(q0 + shift, sk, p["wl"], p["wr"])
+                lo_last, hi_last = _key_range(q_last + shift, sk, p["wl"], p["wr"])
+                n_min = lo_first // 64
+                n_max = -(-hi_last // 64) if hi_last > lo_first else n_min
+                smem = np.full(64 * stride + 4 * 64 * stride, np.nan)
+                s_q, s_k, s_v = 0, 64 * stride, 64 * stride + 2 * 64 * stride
+                warps = [_new_warp(d) for _ in range(4)]
+                ranges = [
+                    [
+                        _key_range(q0 + w * 16 + _G + 8 * i + shift, sk, p["wl"], p["wr"])
+                        for i in range(2)
+                    ]
+                    for w in range(4)
+                ]
+                if n_max > n_min:
+                    _store_tile(
+                        smem,
+                        s_q,
+                        stride,
+                        64,
+                        d,
+                        _rows(q[:, h], q_start + q0, sq - q0, 64),
+                    )
+                for n in range(n_min, n_max):
+                    stage, kb = (n - n_min) & 1, n * 64
+                    sk_b, sv_b = s_k + stage * 64 * stride, s_v + stage * 64 * stride
+                    _store_tile(
+                        smem,
+                        sk_b,
+                        stride,
+                        64,
+                        d,
+                        _rows(k[:, hk], k_start + kb, sk - kb, 64),
+                    )
+                    _store_tile(
+                        smem,
+                        sv_b,
+                        stride,
+                        64,
+                        d,
+                        _rows(v[:, hk], k_start + kb, sk - kb, 64),
+                    )
+                    mask = kb < lo_last or kb + 64 > hi_first
+                    for w in range(4):
+                        if n == n_min:
+                            base = (
+                                s_q
+                                + (w * 16 + (_L & 7) + ((_L >> 3) & 1) * 8) * stride
+                                + (_L >> 4) * 8
+                            )
+                            warps[w]["qf"] = [
+                                _ldmatrix_x4(smem, base + kk * 16) for kk in range(d // 16)
+                            ]
+                        lo = [ranges[w][i][0] for i in range(2)]
+                        hi = [ranges[w][i][1] for i in range(2)]
+                        _warp_tile(smem, warps[w], w, sk_b, sv_b, 8, d, stride, lo, hi, kb, mask, p)
+                for w, st in enumerate(warps):
+                    l_sum = _quad(st["l"], np.add)
+                    inv = np.where(l_sum > 0, 1 / np.where(l_sum > 0, l_sum, 1), 0.0)
+                    o = _f16(st["acc"] * inv[None, :, [0, 0, 1, 1]])  # [D/8, 32, 4]
+                    for e in range(4):
+                        rows = q0 + w * 16 + _G + 8 * (e // 2)
+                        cols = 8 * np.arange(d // 8)[:, None] + 2 * _C[None] + e % 2
+                        ok = np.broadcast_to(rows < sq, cols.shape)
+                        rr = np.broadcast_to(q_start + rows, cols.shape)
+                        out[rr[ok], h, cols[ok]] = o[:, :, e][ok]
+                    for i in range(2):
+                        rows = q0 + w * 16 + _G + 8 * i
+                        ok = (rows < sq) & (_C == 0)
+                        val = np.where(
+                            l_sum[:, i] > 0,
+                            (st["m"][:, i] + np.log2(np.where(l_sum[:, i] > 0, l_sum[:, i], 1)))
+                            * _LN2,
+                            -np.inf,
+                        )
+                        lse[h, q_start + rows[ok]] = val[ok]
+    return out, lse
+
+
+def _emulate_decode(q, kc, vc, lens, table, splits, p):
+    """q [B, q_len, Hq, D], caches (numpy float64) -> out [B, q_len, Hq, D]."""
+    batch, q_len, hq, d = q.shape
+    hkv = kc.shape[2]
+    group, stride = hq // hkv, d + 8
+    rows_total = q_len * group
+    m_blocks = -(-rows_total // 16)
+    capacity = kc.shape[1] if table is None else table.shape[1] * kc.shape[1]
+    part_o = np.full((splits, batch, q_len, hq, d), np.nan)
+    part_l = np.full((splits, batch, q_len, hq), np.nan)
+    for bx in range(batch * hkv * m_blocks):
+        mb, hk, b = bx % m_blocks, (bx // m_blocks) % hkv, bx // m_blocks // hkv
+        for split in range(splits):
+            row0 = mb * 16
+            row_last = min(row0 + 16, rows_total) - 1
+            n_keys = max(0, min(int(lens[b]), capacity))
+            pos0 = n_keys - q_len
+            lo_first, hi_first = _key_range(pos0 + row0 // group, n_keys, p["wl"], p["wr"])
+            lo_last, hi_last = _key_range(pos0 + row_last // group, n_keys, p["wl"], p["wr"])
+            n_min = lo_first // 64
+            n_max = -(-hi_last // 64) if hi_last > lo_first else n_min
+            per = (n_max - n_min + splits - 1) // splits
+            t_begin = min(n_min + split * per, n_max)
+            t_end = min(t_begin + per, n_max)
+            r_pad = [np.minimum(row0 + _G + 8 * i, rows_total - 1) for i in range(2)]
+            ranges = [_key_range(pos0 + r // group, n_keys, p["wl"], p["wr"]) for r in r_pad]
+            lo, hi = [ranges[0][0], ranges[1][0]], [ranges[0][1], ranges[1][1]]
+            smem = np.full(16 * stride + 4 * 64 * stride, np.nan)
+            s_q, s_k, s_v = 0, 16 * stride, 16 * stride + 2 * 64 * stride
+            warps = [_new_warp(d) for _ in range(4)]
+
+            if t_end > t_begin:
+                for chunk in range(16 * (d // 8)):
+                    r, col = chunk // (d // 8), (chunk % (d // 8)) * 8
+                    row = row0 + r
+                    val = (
+                        q[b, row // group, hk * group + row % group, col : col + 8]
+                        if row < rows_total
+                        else 0.0
+                    )
+                    smem[s_q + r * stride + col : s_q + r * stride + col + 8] = val
+            for n in range(t_begin, t_end):
+                stage, kb = (n - t_begin) & 1, n * 64
+                sk_b, sv_b = s_k + stage * 64 * stride, s_v + stage * 64 * stride
+                _store_tile(smem, sk_b, stride, 64, d, _cache_rows(kc, table, b, hk, kb, n_keys))
+                _store_tile(smem, sv_b, stride, 64, d, _cache_rows(vc, table, b, hk, kb, n_keys))
+                mask = kb < lo_last or kb + 64 > hi_first
+                for w in range(4):
+                    if n == t_begin:
+                        base = s_q + ((_L & 7) + ((_L >> 3) & 1) * 8) * stride + (_L >> 4) * 8
+                        warps[w]["qf"] = [
+                            _ldmatrix_x4(smem, base + kk * 16) for kk in range(d // 16)
+                        ]
+                    _warp_tile(smem, warps[w], w, sk_b + w * 16 * stride, sv_b + w * 16 * stride,
+                               2, d, stride, lo, hi, kb + w * 16, mask, p)  # fmt: skip
+            # the warp merge through shared memory: red[w][row][col], red_m/red_l[w][row]
+            red = np.full((4, 16, d), np.nan)
+            red_m, red_l = np.full((4, 16), np.nan), np.full((4, 16), np.nan)
+            for w, st in enumerate(warps):
+                l_sum = _quad(st["l"], np.add)
+                for i in range(2):
+                    red_m[w, (_G + 8 * i)[_C == 0]] = st["m"][_C == 0, i]
+                    red_l[w, (_G + 8 * i)[_C == 0]] = l_sum[_C == 0, i]
+                for e in range(4):
+                    cols = 8 * np.arange(d // 8)[:, None] + 2 * _C[None] + e % 2
+                    red[w, np.broadcast_to(_G + 8 * (e // 2), cols.shape), cols] = st["acc"][
+                        :, :, e
+                    ]
+            for r in range(16):
+                row = row0 + r
+                if row >= rows_total:
+                    continue
+                mx = red_m[:, r].max()
+                o, tot = np.zeros(d), 0.0
+                if mx != -np.inf:
+                    f = np.exp2(red_m[:, r] - mx)
+                    tot = (red_l[:, r] * f).sum()
+                    o = (f[:, None] * red[:, r]).sum(0) / tot
+                t, h = row // group, hk * group + row % group
+                part_o[split, b, t, h] = o
+                part_l[split, b, t, h] = -np.inf if mx == -np.inf else (mx + np.log2(tot)) * _LN2
+    if splits == 1:
+        return _f16(part_o[0])
+    mx = part_l.max(0)
+    w = np.where(mx == -np.inf, 0.0, np.exp(part_l - np.where(mx == -np.inf, 0.0, mx)))
+    tot = w.sum(0)
+    return _f16(
+        np.where(
+            tot[..., None] > 0,
+            (w[..., None] * part_o).sum(0) / np.where(tot > 0, tot, 1)[..., None],
+            0.0,
+        )
+    )
+
+
+def _h(*shape):
+    return torch.randn(shape).half()
+
+
+@pytest.mark.parametrize("head_dim", na.HEAD_DIMS)
+@pytest.mark.parametrize(
+    "lens_q,lens_k,hq,hkv,causal,window,softcap",
+    [([70], [93], 2, 1, False, (-1, -1), 0.0), ([130, 3], [40, 0], 1, 1, True, (-1, -1), 0.0),
+     ([0, 1, 66, 3], [5, 0, 70, 1], 2, 1, True, (30, -1), 0.0), ([70], [150], 1, 1, False, (20, 5), 4.0)],
+)  # fmt: skip
+def test_emulated_prefill_matches_reference(
+    lens_q, lens_k, hq, hkv, causal, window, softcap, head_dim
+):
+    cu_q = [0, *np.cumsum(lens_q).tolist()]
+    cu_k = [0, *np.cumsum(lens_k).tolist()]
+    q, k, v = _h(cu_q[-1], hq, head_dim), _h(cu_k[-1], hkv, head_dim), _h(cu_k[-1], hkv, head_dim)
+    q = q * 3 if softcap else q
+    wl, wr = na._window(causal, *window)
+    p = {"scale": head_dim**-0.5, "softcap": softcap, "wl": wl, "wr": wr}
+    out, lse = _emulate_prefill(
+        q.double().numpy(), k.double().numpy(), v.double().numpy(), cu_q, cu_k, max(lens_q), p
+    )
+    ref, ref_lse = reference.attention(
+        q.float(), k.float(), v.float(), causal=causal, window_left=window[0], window_right=window[1],
+        softcap=softcap, cu_seqlens_q=torch.tensor(cu_q), cu_seqlens_k=torch.tensor(cu_k), return_lse=True,
+    )  # fmt: skip
+    out, lse = torch.from_numpy(out), torch.from_numpy(lse)
+    assert rel_err(out, ref) < 2e-3
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert rel_err(lse[finite], ref_lse[finite]) < 1e-5
+
+
+@pytest.mark.parametrize("head_dim", na.HEAD_DIMS)
+@pytest.mark.parametrize(
+    "q_len,hq,hkv,block_size,splits,causal,window,softcap",
+    [(1, 8, 2, None, 1, True, (-1, -1), 0.0), (4, 8, 2, 16, 3, True, (50, -1), 0.0),
+     (5, 8, 2, 32, 2, False, (-1, -1), 3.0), (3, 16, 1, None, 2, True, (-1, -1), 0.0)],
+)  # fmt: skip
+def test_emulated_decode_matches_reference(
+    q_len, hq, hkv, block_size, splits, causal, window, softcap, head_dim
+):
+    lens = torch.tensor([1, 77, 200], dtype=torch.int32)
+    q = _h(3, q_len, hq, head_dim) * (3 if softcap else 1)
+    kc, vc = _h(3, 200, hkv, head_dim), _h(3, 200, hkv, head_dim)
+    table = None
+    if block_size is not None:
+        kc, vc, table = _paged(kc, vc, block_size)
+        table[0, 5] = -1  # past sequence 0's end: never read
+    wl, wr = na._window(causal, *window)
+    p = {"scale": head_dim**-0.5, "softcap": softcap, "wl": wl, "wr": wr}
+    t_np = None if table is None else table.numpy()
+    out = _emulate_decode(
+        q.double().numpy(), kc.double().numpy(), vc.double().numpy(), lens.numpy(), t_np, splits, p
+    )
+    ref = reference.decode_attention(
+        q.float(), kc.float(), vc.float(), lens, block_table=table, causal=causal,
+        window_left=window[0], window_right=window[1], softcap=softcap,
+    )  # fmt: skip
+    assert rel_err(torch.from_numpy(out), ref) < 2e-3
