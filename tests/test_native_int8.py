@@ -79,6 +79,19 @@ def test_w8a16_supports_reasons(any_device):
     assert "w_scale" in nint8.supports_w8a16(x, w, s.half())
 
 
+def test_dynamic_supports_reasons(any_device):
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    w = torch.randint(-127, 128, (16, 64), dtype=torch.int8)
+    s = torch.rand(16)
+    assert nint8.supports_dynamic(x, w, s) is None
+    assert nint8.supports_dynamic(x.float(), w, s, torch.randn(16)) is None
+    assert "float32, float16 or bfloat16" in nint8.supports_dynamic(x.double(), w, s)
+    assert "unit last stride" in nint8.supports_dynamic(x.t().contiguous().t(), w, s)
+    x2 = torch.randn(3, 72, dtype=torch.bfloat16)
+    w2 = torch.randint(-127, 128, (16, 72), dtype=torch.int8)
+    assert "multiple of 16" in nint8.supports_dynamic(x2, w2, s)
+
+
 def test_w8a16_split_choice():
     sms = 132
     # large N alone fills the GPU: no split
@@ -174,6 +187,26 @@ def test_w8a8_strided_rows_and_empty():
     assert empty.shape == (0, 24)
 
 
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 1000, 4096), (77, 333, 208), (300, 4096, 4096)])
+def test_dynamic_is_quantize_then_w8a8(dtype, M, N, K, monkeypatch):
+    from fastllm.reference import quantize_per_token
+
+    x = (torch.randn(M, K, device=CUDA) * 3).to(dtype)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=CUDA)
+    ws = torch.rand(N, device=CUDA) * 0.01
+    bias = torch.randn(N, device=CUDA).to(dtype)
+    assert nint8.supports_dynamic(x, w, ws, bias) is None
+    x_int8, x_scale = quantize_per_token(x)
+    ref = _ref_w8a8(x_int8, x_scale, w, ws, bias)
+    poison_empty(monkeypatch)
+    out = nint8.dynamic_linear(x, w, ws, bias)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert rel_err(out, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(out, nint8.w8a8_linear(x_int8, x_scale, w, ws, bias, dtype))
+
+
 def _ref_w8a16(x, w, ws, bias):
     y = (x.double() @ w.double().t()) * ws.double()[None, :]
     return y + bias.double() if bias is not None else y
@@ -183,7 +216,7 @@ def _ref_w8a16(x, w, ws, bias):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 16, 17, 33, 64])
 @pytest.mark.parametrize(
-    "N,K", [(4096, 4096), (1000, 4096), (96, 208), (14336, 4096), (4096, 14336)]
+    "N,K", [(4096, 4096), (1000, 4096), (96, 208), (14336, 4096), (4096, 14336), (40, 16)]
 )
 def test_w8a16_matches_reference(dtype, M, N, K, monkeypatch):
     x = torch.randn(M, K, device=CUDA).to(dtype)

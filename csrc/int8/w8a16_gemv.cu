@@ -96,13 +96,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      wrow[r][h] = w + int64_t(min(row0 + r * 16 + g + 8 * h, N - 1)) * ldw + t * 16;
+      wrow[r][h] = w + int64_t(min(row0 + r * 16 + g + 8 * h, N - 1)) * ldw;
   const T* xrow[MT];
   bool xok[MT];
 #pragma unroll
   for (int j = 0; j < MT; ++j) {
     xok[j] = j * 8 + g < M;
-    xrow[j] = x + int64_t(min(j * 8 + g, M - 1)) * ldx + t * 16;
+    xrow[j] = x + int64_t(min(j * 8 + g, M - 1)) * ldx;
   }
 
   float acc[R][MT][4];
@@ -118,8 +118,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   for (int c = c0; c < c1; ++c) {
     const int k = c * 64;
     const bool kok = k + t * 16 < K;  // K % 16 == 0: a thread's 16 columns are all in or all out
-    // Out-of-range pieces load from column 0 (a valid address, no branch) and are zeroed.
-    const int kl = kok ? k : 0;
+    // Out-of-range pieces load columns 0..15 of their row instead (valid, as K >= 16
+    // whenever a chunk exists; no branch) and are zeroed.
+    const int kl = kok ? k + t * 16 : 0;
     uint4 wv[R][2], xv[MT][2];
 #pragma unroll
     for (int r = 0; r < R; ++r)

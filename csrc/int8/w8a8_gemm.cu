@@ -202,10 +202,8 @@ const char* launch(const int8_t* x, int64_t ldx, const float* xs, const int8_t* 
                    int N, int K, cudaStream_t stream) {
   using C = Tile<BM, BN, WM, WN, STAGES>;
   auto kernel = w8a8_gemm_kernel<BM, BN, WM, WN, STAGES, OutT>;
-  if (C::kSmem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
+  static bool smem_set[64] = {};
+  if (const char* err = allow_smem(kernel, C::kSmem, smem_set)) return err;
   const int64_t tiles = int64_t((M + BM - 1) / BM) * ((N + BN - 1) / BN);
   if (tiles > 2147483647LL) return "int8_w8a8_gemm: too many tiles";
   kernel<<<static_cast<unsigned>(tiles), C::kThreads, C::kSmem, stream>>>(

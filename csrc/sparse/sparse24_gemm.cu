@@ -187,10 +187,8 @@ const char* launch(const T* x, int64_t ldx, const T* values, int64_t ldv, const 
                    float* ws, cudaStream_t stream) {
   using C = Tile<BW, BT, WW, WT, STAGES>;
   auto kernel = sparse24_kernel<T, BW, BT, WW, WT, STAGES>;
-  if (C::kSmem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem);
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
+  static bool smem_set[64] = {};
+  if (const char* err = allow_smem(kernel, C::kSmem, smem_set)) return err;
   const int ktiles = K / kBK;
   const int per_split = (ktiles + splits - 1) / splits;
   const int64_t gx = (int64_t(N) + BW - 1) / BW, gy = (int64_t(M) + BT - 1) / BT;
