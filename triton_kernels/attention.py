@@ -48,6 +48,61 @@ def _softcap(s, softcap):
 
 
 @triton.jit
+def _attn_tiles(
+    acc, l_i, m_i, q, k_base, v_base, qpos, start, end,
+    sk, stride_ks, stride_vs, head_dim, scale, softcap, window_left, window_right,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Online softmax over the key tiles [start, end) (start a multiple of BLOCK_N).
+    MASKED=False: every key of every tile is visible to every row (no mask built)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    qk_scale = scale * 1.4426950408889634
+    for start_n in range(start, end, BLOCK_N):
+        kpos = start_n + offs_n
+        if MASKED:
+            k_ok = kpos < sk
+            k = tl.load(
+                k_base + kpos[None, :] * stride_ks + offs_d[:, None],
+                mask=k_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + kpos[:, None] * stride_vs + offs_d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+        else:
+            k = tl.load(k_base + kpos[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k)
+        if HAS_SOFTCAP:
+            s = _softcap(s * scale, softcap) * 1.4426950408889634
+        else:
+            s = s * qk_scale
+        if MASKED:
+            keep = k_ok[None, :]
+            if window_right >= 0:
+                keep = keep & (kpos[None, :] <= qpos[:, None] + window_right)
+            if window_left >= 0:
+                keep = keep & (kpos[None, :] >= qpos[:, None] - window_left)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
@@ -115,48 +170,37 @@ def _attn_fwd_kernel(
     if window_left >= 0:
         lo = tl.maximum(lo, m_start + diag - window_left)
         lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)  # from here every bound is >= 0: `//` truncates toward zero
     qpos = offs_m + diag  # [BLOCK_M]
+
+    # key tiles every row of the block sees whole need no mask: [mid_lo, mid_hi)
+    full_hi = sk
+    if window_right >= 0:
+        full_hi = tl.minimum(full_hi, m_start + diag + window_right + 1)
+    mid_lo = lo
+    if window_left >= 0:
+        mid_lo = tl.maximum(lo, tl.cdiv(m_start + BLOCK_M - 1 + diag - window_left, BLOCK_N) * BLOCK_N)
+    mid_lo = tl.minimum(mid_lo, hi)  # a multiple of BLOCK_N, or hi
+    mid_hi = tl.maximum(mid_lo, (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634
-
-    for start_n in range(lo, hi, BLOCK_N):
-        kpos = start_n + offs_n
-        k_ok = kpos < sk
-        k = tl.load(
-            k_base + kpos[None, :] * stride_ks + offs_d[:, None],
-            mask=k_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + kpos[:, None] * stride_vs + offs_d[None, :],
-            mask=k_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, k)
-        if HAS_SOFTCAP:
-            s = _softcap(s * scale, softcap) * 1.4426950408889634
-        else:
-            s = s * qk_scale
-        keep = k_ok[None, :]
-        if window_right >= 0:
-            keep = keep & (kpos[None, :] <= qpos[:, None] + window_right)
-        if window_left >= 0:
-            keep = keep & (kpos[None, :] >= qpos[:, None] - window_left)
-        s = tl.where(keep, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, k_base, v_base, qpos, lo, mid_lo,
+        sk, stride_ks, stride_vs, head_dim, scale, softcap, window_left, window_right,
+        BLOCK_N, BLOCK_D, True, HAS_SOFTCAP, UPCAST,
+    )
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, k_base, v_base, qpos, mid_lo, mid_hi,
+        sk, stride_ks, stride_vs, head_dim, scale, softcap, window_left, window_right,
+        BLOCK_N, BLOCK_D, False, HAS_SOFTCAP, UPCAST,
+    )
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, k_base, v_base, qpos, mid_hi, hi,
+        sk, stride_ks, stride_vs, head_dim, scale, softcap, window_left, window_right,
+        BLOCK_N, BLOCK_D, True, HAS_SOFTCAP, UPCAST,
+    )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
