@@ -55,6 +55,22 @@ def test_head_dims_match_the_kernel_dispatch():
         assert cases == na.HEAD_DIMS, (name, cases)
 
 
+def test_launchers_take_the_ops_normalized_arguments():
+    # fastllm/ops/attention.py passes every backend the same positional arguments
+    import inspect
+
+    import fastllm.ops.attention  # noqa: F401 - registers the backends
+    from fastllm import backend
+
+    for op, fns in (
+        ("attention", (na.prefill, na.supports_prefill)),
+        ("decode_attention", (na.decode, na.supports_decode)),
+    ):
+        want = len(inspect.signature(backend.implementation(op, "reference")).parameters)
+        for fn in fns:
+            assert len(inspect.signature(fn).parameters) == want, (op, fn.__name__)
+
+
 @pytest.mark.parametrize("sms", [1, 108, 132])
 def test_num_splits_fills_the_gpu_when_the_cache_is_long(sms):
     # one sequence, 8 kv heads, a 64k-token cache: splits until ~2 blocks per SM
