@@ -382,8 +382,8 @@ def _mma_m16n8k32_s8(a, b) -> np.ndarray:
 
 @pytest.mark.parametrize("BM,BN,WM,WN", [(32, 64, 2, 2), (128, 128, 2, 4)])
 def test_w8a8_block_emulation(BM, BN, WM, WN):
-    """One block of w8a8_gemm_kernel with partial tiles in M, N and K (zero-filled K tail,
-    clamped rows): the swizzled cp.async stores, the ldmatrix addresses and the mma
+    """One block of w8a8_gemm_kernel with partial tiles in M, N and K (rows past M, N
+    and the K tail zero-filled): the swizzled cp.async stores, the ldmatrix addresses and the mma
     fragments give the exact int32 accumulators, and the epilogue indexing puts them
     where they belong."""
     gen = torch.Generator().manual_seed(BM)
@@ -398,10 +398,8 @@ def test_w8a8_block_emulation(BM, BN, WM, WN):
             for r in range(rows):
                 for c in range(4):
                     k = kt * 64 + c * 16
-                    if k < K:  # else: src-size 0, zero fill
-                        smem[_swz64(r, c) : _swz64(r, c) + 16] = src[
-                            min(r, n_rows - 1), k : k + 16
-                        ].view(np.uint8)
+                    if k < K and r < n_rows:  # else: src-size 0, zero fill
+                        smem[_swz64(r, c) : _swz64(r, c) + 16] = src[r, k : k + 16].view(np.uint8)
         for warp in range(WM * WN):
             wm, wn = warp // WN, warp % WN
             for kk in range(2):

@@ -170,10 +170,11 @@ def _emulate_block(x, values, meta, n0, m0, BW, BT, WW, WT, K):
                 sv[_swz64(r, c) : _swz64(r, c) + 16] = v8[n, src : src + 16]
             se[r * 8 : r * 8 + 8] = e8[n, kt * 8 : kt * 8 + 8]
         for r in range(BT):
-            m = min(m0 + r, M - 1)
+            if m0 + r >= M:  # tokens past M: zero-filled
+                continue
             for c in range(8):
                 src = (kt * 64 + c * 8) * 2
-                sx[_swz128(r, c) : _swz128(r, c) + 16] = x8[m, src : src + 16]
+                sx[_swz128(r, c) : _swz128(r, c) + 16] = x8[m0 + r, src : src + 16]
         se16 = se.view(np.uint16)
         for warp in range(WW * WT):
             ww, wt = warp // WT, warp % WT
@@ -213,7 +214,8 @@ def test_emulated_block_matches_dense(BW, BT, WW, WT):
 
 
 def test_emulated_block_edges():
-    """A block hanging over N and M loads clamped rows; its in-range part is still exact."""
+    """A block hanging over N (clamped W rows) and M (zero-filled tokens): its in-range
+    part is still exact."""
     N, M, K = 40, 20, 64
     gen = torch.Generator().manual_seed(7)
     w, mask = random_24(N, K, torch.float16, gen=gen)

@@ -12,9 +12,9 @@
 // chunks; chunk c of row r is stored at chunk c ^ ((r >> 1) & 3), so that the eight rows
 // an ldmatrix phase reads hit eight different 16-byte bank groups.
 //
-// Edges: rows past M or N load a clamped (valid) row whose results are never stored;
-// the K tail is zero-filled by cp.async (src-size 0), which needs K % 16 == 0 (the
-// launcher in fastllm/native/int8.py checks it and falls back otherwise).
+// Edges: rows past M or N and the K tail are zero-filled by cp.async (src-size 0, no
+// global read); whole 16-byte chunks need K % 16 == 0 (the launcher in
+// fastllm/native/int8.py checks it and falls back otherwise).
 // The reference is fastllm/reference/int8.py.
 #include "int8/int8.h"
 #include "mma_utils.cuh"
@@ -90,9 +90,8 @@ __global__ void __launch_bounds__(WM* WN * 32)
       const int idx = tid + i * C::kThreads;
       if (BM * 4 % C::kThreads == 0 || idx < BM * 4) {
         const int r = idx >> 2, c = idx & 3, k = k0 + c * 16;
-        const int64_t gm = min(m0 + r, M - 1);
-        const bool ok = k < K;
-        cp_async16(sa + swz64(r, c), x + gm * ldx + (ok ? k : 0), ok ? 16u : 0u);
+        const bool ok = k < K && m0 + r < M;  // else zero-filled, no global read
+        cp_async16(sa + swz64(r, c), ok ? x + int64_t(m0 + r) * ldx + k : x, ok ? 16u : 0u);
       }
     }
 #pragma unroll
@@ -100,9 +99,8 @@ __global__ void __launch_bounds__(WM* WN * 32)
       const int idx = tid + i * C::kThreads;
       if (BN * 4 % C::kThreads == 0 || idx < BN * 4) {
         const int r = idx >> 2, c = idx & 3, k = k0 + c * 16;
-        const int64_t gn = min(n0 + r, N - 1);
-        const bool ok = k < K;
-        cp_async16(sb + swz64(r, c), w + gn * ldw + (ok ? k : 0), ok ? 16u : 0u);
+        const bool ok = k < K && n0 + r < N;  // else zero-filled, no global read
+        cp_async16(sb + swz64(r, c), ok ? w + int64_t(n0 + r) * ldw + k : w, ok ? 16u : 0u);
       }
     }
   };

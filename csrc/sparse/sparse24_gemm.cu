@@ -23,9 +23,9 @@
 // Tiling: a block computes BW rows of W x BT tokens; K goes through shared memory 64
 // columns at a time (32 values = 64 bytes and 4 metadata words per W row, 128 bytes
 // per x row) in a STAGES-deep cp.async ring; 16-byte chunks are XOR-swizzled so that
-// ldmatrix reads are free of bank conflicts. Rows past N and tokens past M load
-// clamped valid rows (never stored; valid metadata, since all-zero nibbles are
-// undefined for mma.sp). K % 64 == 0 is required (fastllm/native/sparse.py falls back
+// ldmatrix reads are free of bank conflicts. Rows of W past N load a clamped valid
+// row (never stored; it keeps the metadata valid, since all-zero nibbles are undefined
+// for mma.sp); tokens past M are zero-filled without reading memory. K % 64 == 0 is required (fastllm/native/sparse.py falls back
 // otherwise). Small M splits K (grid.z) into float32 partial sums in a workspace that
 // mma::splitk_reduce adds in a fixed order. The reference is fastllm/reference/sparse.py.
 #include "mma_utils.cuh"
@@ -102,8 +102,8 @@ __global__ void __launch_bounds__(WW* WT * 32)
       const int idx = tid + i * C::kThreads;
       if (BT * 8 % C::kThreads == 0 || idx < BT * 8) {
         const int r = idx >> 3, c = idx & 7;
-        const int64_t m = min(m0 + r, M - 1);
-        cp_async16(sx + swz128(r, c), x + m * ldx + kt * kBK + c * 8, 16u);
+        const bool ok = m0 + r < M;  // tokens past M: zero-filled, no global read
+        cp_async16(sx + swz128(r, c), ok ? x + int64_t(m0 + r) * ldx + kt * kBK + c * 8 : x, ok ? 16u : 0u);
       }
     }
   };
