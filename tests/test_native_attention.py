@@ -71,6 +71,101 @@ def test_launchers_take_the_ops_normalized_arguments():
             assert len(inspect.signature(fn).parameters) == want, (op, fn.__name__)
 
 
+def _binding_args(name: str) -> list[str]:
+    """The py::arg names of one launcher in csrc/attention/bindings.cpp."""
+    src = (ROOT / "csrc" / "attention" / "bindings.cpp").read_text()
+    start = src.index(f'"{name}",')
+    end = src.index("m.def(", start) if "m.def(" in src[start:] else len(src)
+    return re.findall(r'py::arg\("(\w+)"\)', src[start:end])
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda **kw: self.calls.append((name, kw))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The launchers run on CPU tensors against a module that records its calls."""
+    import contextlib
+
+    from fastllm import native
+
+    rec = _Recorder()
+    monkeypatch.setattr(native, "module", lambda: rec)
+    monkeypatch.setattr(native, "stream_of", lambda t: 7)
+    monkeypatch.setattr(na, "sm_count", lambda index: 132)
+    monkeypatch.setattr(na, "_index", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    return rec
+
+
+def test_prefill_launcher_passes_what_the_binding_takes(recorded):
+    q = torch.randn(2, 8, 5, 64, dtype=torch.bfloat16).transpose(1, 2)  # (B, S, H, D) view
+    k, v = _qkv((2, 9, 1, 64), (2, 9, 1, 64), torch.bfloat16)[1:]
+    out, lse = na.prefill(*_prefill_args(q, k, v, causal=True, window=(3, -1), lse=True))
+    ((name, kw),) = recorded.calls
+    assert name == "attention_prefill" and sorted(kw) == sorted(_binding_args(name))
+    assert kw["q_strides"] == q.stride()[:3] and kw["k_strides"] == k.stride()[:3]
+    assert kw["o_strides"] == out.stride()[:3] and out.is_contiguous() and out.shape == q.shape
+    assert lse.shape == (2, 8, 5) and kw["lse_strides"] == lse.stride()
+    assert (kw["window_left"], kw["window_right"]) == (3, 0)
+    assert (kw["batch"], kw["heads_q"], kw["heads_kv"], kw["seqlen_q"], kw["seqlen_k"]) == (
+        2,
+        8,
+        1,
+        5,
+        9,
+    )
+    assert kw["dtype"] == 2 and kw["stream"] == 7 and kw["out"] == out.data_ptr()
+    # varlen: batch strides 0, lse (Hq, Tq), no lse pointer when not asked
+    qp, kp, vp = _qkv((9, 4, 128), (11, 2, 128))
+    cu = (torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 5, 11], dtype=torch.int32))
+    recorded.calls.clear()
+    out, lse = na.prefill(*_prefill_args(qp, kp, vp, cu=cu, lse=True))
+    ((_, kw),) = recorded.calls
+    assert kw["q_strides"] == (0, 4 * 128, 128) and kw["k_strides"] == (0, 2 * 128, 128)
+    assert lse.shape == (4, 9) and kw["lse_strides"] == (0, 9, 1)
+    assert (kw["batch"], kw["seqlen_q"], kw["seqlen_k"]) == (2, 5, 6)
+    assert kw["cu_seqlens_q"] == cu[0].data_ptr() and kw["cu_seqlens_k"] == cu[1].data_ptr()
+    recorded.calls.clear()
+    out, lse = na.prefill(*_prefill_args(qp, kp, vp, cu=cu, lse=False))
+    assert lse is None and recorded.calls[0][1]["lse"] == 0
+
+
+def test_decode_launcher_passes_what_the_binding_takes(recorded):
+    q = torch.randn(3, 2, 8, 128, dtype=torch.float16)
+    kc = torch.randn(3, 4096, 2, 128, dtype=torch.float16)
+    lens = torch.tensor([1, 2, 3], dtype=torch.int32)
+    out = na.decode(*_decode_args(q, kc, kc, lens))
+    ((name, kw),) = recorded.calls
+    assert name == "attention_decode" and sorted(kw) == sorted(_binding_args(name))
+    splits = na.choose_num_splits(3, 8, 2, 2, 4096, 132)
+    assert splits > 1 and kw["num_splits"] == splits
+    assert kw["o_partial"] != 0 and kw["lse_partial"] != 0
+    assert (kw["capacity"], kw["block_size"], kw["num_blocks"], kw["block_table"]) == (
+        4096,
+        0,
+        0,
+        0,
+    )
+    assert kw["k_strides"] == kc.stride()[:3] and kw["o_strides"] == out.stride()[:3]
+    assert (kw["window_left"], kw["window_right"]) == (-1, 0)
+    # paged, one split forced: no workspace
+    pages = torch.randn(50, 16, 2, 128, dtype=torch.float16)
+    table = torch.randint(0, 50, (3, 7), dtype=torch.int32)
+    recorded.calls.clear()
+    na.decode(*_decode_args(q, pages, pages, lens, table, causal=False, ns=1))
+    ((_, kw),) = recorded.calls
+    assert (kw["capacity"], kw["block_size"], kw["num_blocks"]) == (7 * 16, 16, 50)
+    assert kw["block_table"] == table.data_ptr() and kw["block_table_stride"] == 7
+    assert kw["num_splits"] == 1 and kw["o_partial"] == 0 and kw["lse_partial"] == 0
+    assert (kw["window_left"], kw["window_right"]) == (-1, -1)
+
+
 @pytest.mark.parametrize("sms", [1, 108, 132])
 def test_num_splits_fills_the_gpu_when_the_cache_is_long(sms):
     # one sequence, 8 kv heads, a 64k-token cache: splits until ~2 blocks per SM
