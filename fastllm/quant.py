@@ -18,11 +18,13 @@ norm's weight (and bias) and s into each of those layers' weights: the float mod
 computes the same function and nothing runs at inference time. The layers sharing one
 norm share one s (from the largest activation and weight ranges among them). Which
 norm feeds which layers is read from a torch.fx trace of the model (norms and linears
-kept as leaves), so no model-specific code is needed; each fold is checked on a probe
-input (the norm's output must scale by exactly 1/s), and undone where it does not.
+kept as leaves) or, where torch.fx fails and an example batch is given, from one
+observed forward pass (hooks and a TorchFunctionMode, matching tensors by identity), so
+no model-specific code is needed; each fold is checked on a probe input (the norm's
+output must scale by exactly 1/s), and undone where it does not.
 
 Layers without such a norm (attention output, MLP down projection, or any layer of a
-model torch.fx cannot trace) are left alone, or, with ``unfoldable="runtime"``, get
+model that could not be analysed) are left alone, or, with ``unfoldable="runtime"``, get
 their s as ``Int8Linear.smooth_scale`` (the input is divided by s at run time).
 """
 
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastllm.calibration import InputStats, collect_input_stats
@@ -111,53 +114,148 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, nn.Linear) or _is_norm(m) or super().is_leaf_module(m, qualname)
 
 
-def _norm_groups(model: nn.Module) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """({norm: [linears fed only by it]}, {linear: why it has no foldable norm}).
+@dataclass
+class _Flow:
+    """What feeds what: per linear, how often it ran and the norm module its input came
+    straight from (or why not); per norm, how often it ran and its first consumer that
+    is not a linear layer's input."""
 
-    Raises whatever torch.fx raises when the model cannot be traced."""
+    linear_calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    linear_src: dict[str, str | None] = field(default_factory=dict)
+    linear_why: dict[str, str] = field(default_factory=dict)
+    norm_calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    norm_other_use: dict[str, str] = field(default_factory=dict)
+
+
+def _flow_by_fx(model: nn.Module) -> _Flow:
+    """From a torch.fx trace (norms and linears kept as leaves); raises what torch.fx
+    raises on a model it cannot trace."""
     graph = _LeafTracer().trace(model)
     modules = dict(model.named_modules())
-    calls = defaultdict(list)
+    flow = _Flow()
     for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target].append(node)
-    groups: dict[str, list[str]] = {}
-    why_not: dict[str, str] = {}
-    for name, nodes in calls.items():
-        if not isinstance(modules.get(name), nn.Linear):
+        if node.op != "call_module":
             continue
-        node = nodes[0]
-        src = node.args[0] if node.args else None
-        if len(nodes) > 1:
-            why_not[name] = f"called {len(nodes)} times in the traced graph"
-        elif not (isinstance(src, torch.fx.Node) and src.op == "call_module"):
-            why_not[name] = "its input does not come straight from a norm module"
-        elif not _is_norm(modules[src.target]):
-            why_not[name] = (
-                f"its input comes from {src.target} ({type(modules[src.target]).__name__}), "
-                "not a LayerNorm/RMSNorm"
-            )
-        elif len(calls[src.target]) > 1:
-            why_not[name] = f"its norm {src.target} is called more than once"
-        else:
-            others = [
-                f"{u.name} ({u.op} {getattr(u.target, '__name__', u.target)})"
-                for u in src.users
-                if not (
+        mod = modules.get(node.target)
+        if _is_norm(mod):
+            flow.norm_calls[node.target] += 1
+            for u in node.users:
+                linear_input = (
                     u.op == "call_module"
                     and isinstance(modules.get(u.target), nn.Linear)
-                    and len(calls[u.target]) == 1
-                    and u.args[0] is src
-                    and src not in (*u.args[1:], *u.kwargs.values())
+                    and u.args[0] is node
+                    and node not in (*u.args[1:], *u.kwargs.values())
                 )
-            ]
-            if others:
-                why_not[name] = (
-                    f"its norm {src.target} also feeds something other than a linear "
-                    f"layer's input ({others[0]})"
-                )
+                if not linear_input:
+                    what = getattr(u.target, "__name__", u.target)
+                    flow.norm_other_use.setdefault(node.target, f"{u.name} ({u.op} {what})")
+        elif isinstance(mod, nn.Linear):
+            flow.linear_calls[node.target] += 1
+            src = node.args[0] if node.args else None
+            if isinstance(src, torch.fx.Node) and src.op == "call_module":
+                if _is_norm(modules[src.target]):
+                    flow.linear_src[node.target] = src.target
+                else:
+                    kind = type(modules[src.target]).__name__
+                    flow.linear_why[node.target] = (
+                        f"its input comes from {src.target} ({kind}), not a LayerNorm/RMSNorm"
+                    )
             else:
-                groups.setdefault(src.target, []).append(name)
+                flow.linear_why[node.target] = "its input does not come straight from a norm module"
+    return flow
+
+
+def _flow_by_running(model: nn.Module, example) -> _Flow:
+    """From one forward pass on `example`: forward hooks note each norm's output tensor
+    and each linear's input tensor, and a TorchFunctionMode sees every op that reads a
+    norm's output; tensors are matched by identity. Only the path taken is seen."""
+    from torch.overrides import TorchFunctionMode
+
+    from fastllm.calibration import _run_batch
+
+    flow = _Flow()
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (norm, tensor kept alive)
+    in_linear: list[str] = []
+
+    def norm_hook(name):
+        def hook(module, args, out):
+            flow.norm_calls[name] += 1
+            if isinstance(out, torch.Tensor):
+                outputs[id(out)] = (name, out)
+
+        return hook
+
+    def linear_pre(name):
+        def hook(module, args):
+            flow.linear_calls[name] += 1
+            x = args[0] if args else None
+            hit = outputs.get(id(x))
+            if hit is not None and hit[1] is x:
+                flow.linear_src[name] = hit[0]
+            else:
+                flow.linear_why[name] = "its input does not come straight from a norm module"
+            in_linear.append(name)
+
+        return hook
+
+    def linear_post(module, args, out):
+        in_linear.pop()
+
+    def first_tensor_arg(args, kwargs):
+        return args[0] if args else kwargs.get("input")
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if not isinstance(out, torch.Tensor | tuple | list):
+                return out  # metadata reads (shape, size, dim) use no values
+            leaves = [*args, *kwargs.values()]
+            for t in leaves:
+                hit = outputs.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if hit is None or hit[1] is not t:
+                    continue
+                as_input = in_linear and func is F.linear and first_tensor_arg(args, kwargs) is t
+                if not as_input:
+                    name = getattr(func, "__name__", str(func))
+                    flow.norm_other_use.setdefault(hit[0], name)
+            return out
+
+    handles = []
+    for name, module in model.named_modules():
+        if _is_norm(module):
+            handles.append(module.register_forward_hook(norm_hook(name)))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(linear_pre(name)))
+            handles.append(module.register_forward_hook(linear_post))
+    try:
+        with torch.no_grad(), Watch():
+            _run_batch(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return flow
+
+
+def _norm_groups(flow: _Flow, how: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({norm: [linears fed only by it]}, {linear: why it has no foldable norm})."""
+    groups: dict[str, list[str]] = {}
+    why_not: dict[str, str] = {}
+    for name, n_calls in flow.linear_calls.items():
+        src = flow.linear_src.get(name)
+        if n_calls > 1:
+            why_not[name] = f"called {n_calls} times in the {how}"
+        elif src is None:
+            why_not[name] = flow.linear_why.get(name, "its input does not come from a norm")
+        elif flow.norm_calls[src] > 1:
+            why_not[name] = f"its norm {src} is called more than once"
+        elif src in flow.norm_other_use:
+            why_not[name] = (
+                f"its norm {src} also feeds something other than a linear layer's input "
+                f"({flow.norm_other_use[src]})"
+            )
+        else:
+            groups.setdefault(src, []).append(name)
     # a norm with one unfoldable consumer cannot be folded for the others either
     for norm, names in list(groups.items()):
         if any(n in why_not for n in names):
@@ -224,6 +322,7 @@ def smooth(
     alpha: float = 0.5,
     *,
     unfoldable: str = "skip",
+    example=None,
 ) -> SmoothResult:
     """Migrates activation outliers of the linear layers named in ``stats`` into their
     weights (module docstring), in place.
@@ -236,6 +335,9 @@ def smooth(
             of the range into the weights.
         unfoldable: for a layer without a norm to fold into, "skip" leaves it alone,
             "runtime" records its s for Int8Linear.smooth_scale (the model is unchanged).
+        example: one batch (passed as calibrate passes batches). Where torch.fx cannot
+            trace the model, one forward pass on it finds which norm feeds which layers
+            (matching tensors by identity); without it such a model is not folded.
 
     Returns:
         a SmoothResult saying, per layer, whether s was folded, kept for run time, or why
@@ -260,11 +362,18 @@ def smooth(
             )
 
     result = SmoothResult(alpha=float(alpha))
+    flow, how, fx_error = None, "", ""
     try:
-        groups, why_not = _norm_groups(model)
+        flow, how = _flow_by_fx(model), "traced graph"
     except Exception as e:  # torch.fx cannot trace data-dependent control flow, etc.
-        groups, why_not = {}, {}
-        reason = f"torch.fx could not trace the model ({type(e).__name__}: {e})"
+        fx_error = f"torch.fx could not trace the model ({type(e).__name__}: {str(e)[:200]})"
+        if example is not None:
+            flow, how = _flow_by_running(model, example), "forward pass on the example"
+    if flow is not None:
+        groups, why_not = _norm_groups(flow, how)
+    else:
+        groups = {}
+        reason = fx_error + "; pass example= to find the norms by running the model"
         why_not = {name: reason for name in stats}
 
     def w_amax(lin: nn.Linear) -> torch.Tensor:

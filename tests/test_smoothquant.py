@@ -84,6 +84,11 @@ def _model(norm2_cls=RMSNormLike, seed=0):
     return m.eval()
 
 
+# smoothing alone changes the float model only by float32 rounding (weights times s,
+# norm weights over s), which two blocks with 40x outlier channels amplify a little
+FOLD_TOL = 5e-5
+
+
 def _batches(n=4):
     return [torch.randn(2, 9, 64, device=DEVICE) for _ in range(n)]
 
@@ -107,7 +112,7 @@ def test_smoothing_keeps_float_output_and_folds_where_it_can():
     result = quant.smooth(m, quant.calibrate(m, _batches()), alpha=0.5)
     with torch.no_grad():
         after = m(x)
-    assert rel_err(after, before) <= 1e-5
+    assert rel_err(after, before) <= FOLD_TOL
     # q, k, v fold into ln1 (a LayerNorm, with bias); gate, up into the RMSNorm look-alike
     for i in (0, 1):
         for n in ("q", "k", "v"):
@@ -187,7 +192,7 @@ def test_norm_that_is_not_a_fold_is_left_alone():
     assert torch.equal(m.blocks[0].norm2.weight, w_before)  # restored
     assert result.folded["blocks.0.q"] == "blocks.0.ln1"
     with torch.no_grad():
-        assert rel_err(m(x), before) <= 1e-5
+        assert rel_err(m(x), before) <= FOLD_TOL
 
 
 def test_untraceable_model_is_not_folded():
@@ -206,7 +211,33 @@ def test_untraceable_model_is_not_folded():
     before = m(x).detach()
     result = quant.smooth(m, quant.calibrate(m, [x]), unfoldable="runtime")
     assert "torch.fx could not trace" in result.runtime["fc"]
+    assert "pass example=" in result.runtime["fc"]
     assert rel_err(m(x).detach(), before) <= 1e-6
+
+
+class BranchyTiny(TinyModel):
+    def forward(self, x):
+        if x.abs().sum() >= 0:  # always true, but torch.fx cannot trace it
+            return super().forward(x)
+        return x
+
+
+def test_untraceable_model_folds_from_an_example_pass():
+    traced, branchy = _model(), _model()
+    branchy.__class__ = BranchyTiny
+    batches = _batches()
+    x = torch.randn(3, 11, 64, device=DEVICE)
+    with torch.no_grad():
+        before = branchy(x)
+    by_fx = quant.smooth(traced, quant.calibrate(traced, batches))
+    by_run = quant.smooth(branchy, quant.calibrate(branchy, batches), example=batches[0])
+    assert by_run.folded == by_fx.folded and len(by_run.folded) == 10
+    assert set(by_run.skipped) == set(by_fx.skipped)
+    assert "also feeds something other than a linear" in by_run.skipped["head"]
+    for name in by_fx.scales:
+        torch.testing.assert_close(by_run.scales[name], by_fx.scales[name])
+    with torch.no_grad():
+        assert rel_err(branchy(x), before) <= FOLD_TOL
 
 
 def test_bad_arguments():
