@@ -76,16 +76,15 @@ def _block_sparse_linear_kernel(
 def _expand24_join(v_rows, meta_rows, k0, K, n_mask, BLOCK_K: tl.constexpr):
     """Dense [BLOCK_N, BLOCK_K] tile of W at columns k0.. from contiguous loads of its
     BLOCK_K/2 values and BLOCK_K/16 metadata words per row."""
-    G: tl.constexpr = BLOCK_K // 4
     offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     v = tl.load(v_rows + offs_v[None, :], mask=n_mask[:, None] & (offs_v < K // 2)[None, :], other=0)
-    v0, v1 = tl.split(tl.reshape(v, (v.shape[0], G, 2)))  # [BLOCK_N, G] each
+    v0, v1 = tl.split(tl.reshape(v, (v.shape[0], BLOCK_K // 4, 2)))  # [BLOCK_N, BLOCK_K/4] each
     offs_c = k0 // 16 + tl.arange(0, BLOCK_K // 16)
     word = tl.load(
         meta_rows + offs_c[None, :], mask=n_mask[:, None] & (offs_c * 16 < K)[None, :], other=0
     ).to(tl.int32)
     nib = (word[:, :, None] >> (4 * tl.arange(0, 4))[None, None, :]) & 15
-    nib = tl.reshape(nib, (v.shape[0], G))  # group order: word c holds groups 4c..4c+3
+    nib = tl.reshape(nib, (v.shape[0], BLOCK_K // 4))  # word c holds groups 4c..4c+3
     i0 = nib & 3
     i1 = nib >> 2
     zero = tl.zeros_like(v0)
@@ -93,7 +92,7 @@ def _expand24_join(v_rows, meta_rows, k0, K, n_mask, BLOCK_K: tl.constexpr):
     d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
     d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
     d3 = tl.where(i1 == 3, v1, zero)  # position 3 can only be the second
-    # [BLOCK_N, G, 2 (b), 2 (a)] holds position 2b + a, so its row-major order is k order
+    # [BLOCK_N, BLOCK_K/4, 2 (b), 2 (a)] holds position 2b + a: row-major order is k order
     w = tl.join(tl.join(d0, d2), tl.join(d1, d3))
     return tl.reshape(w, (v.shape[0], BLOCK_K))
 

@@ -22,16 +22,18 @@ functions below; the custom ops pass them through unchanged) and return y:
     bias      [N] or None     x2's dtype, contiguous
     y         [M, N]          new contiguous tensor, x2's dtype
 
-``torch`` backend, chosen by measurement on a 2-core x86 CPU (PyTorch 2.13, float32,
-N = K = 4096, a loaded machine, so only the ratios mean much):
+``torch`` backend, chosen by measurement on a 2-core x86 CPU under heavy load
+(PyTorch 2.13, float32, N = K = 4096, 1 thread, median of 7; absolute times are
+inflated by the load, and an earlier 2-thread run gave the same ranking):
 
-    2:4      decompress + F.linear   vs  CSR matmul on (values, column indices)
-             M=1    255 ms  vs 296 ms;   M=16   196 ms vs 106 ms;   M=256  277 ms vs 596 ms
-             Both are dominated by unpacking the metadata; CSR matmul has no bf16/fp16
-             kernel on the CPU. Kept: decompress + F.linear, every dtype.
+    2:4      decompress + F.linear   vs  CSR matmul (int32 indices from the metadata)
+             M=1   205 vs 329 ms;   M=16   537 vs 299 ms;   M=256   201 vs 457 ms
+             Both are dominated by unpacking the metadata; CSR wins only around M=16
+             and has no bf16/fp16 kernel on the CPU. Kept: decompress + F.linear.
     block    to_dense + F.linear     vs  torch.sparse_bsr_tensor(...) @ xᵀ (64x64 tiles)
-             density 0.1:  M=1  129 vs 0.6 ms;  M=16  70 vs 4.2 ms;  M=256  243 vs 72 ms
-             density 0.5:  M=1  108 vs  11 ms;  M=16 131 vs  48 ms;  M=256  246 vs 428 ms
+             density 0.1:  M=1   162 vs  1.3 ms;  M=16  200 vs   5.5 ms;  M=256   184 vs   91 ms
+             density 0.5:  M=1   176 vs   19 ms;  M=16  352 vs   171 ms;  M=256  1136 vs 1224 ms
+             density 0.9:  M=1   545 vs   64 ms;  M=16  642 vs   374 ms;  M=256  1100 vs 2292 ms
              Kept: BSR matmul for float32 square tiles when M <= 64 or density <= 0.3,
              else to_dense + F.linear (also for bf16/fp16, which the CPU BSR matmul
              lacks, and non-square tiles, which MKL rejects).
