@@ -37,9 +37,11 @@ struct Shape {
   static constexpr int kRowsPerBlock = kWarps * 16 * R;
 };
 
+// Read-only for the kernel's lifetime, so plain asm: the compiler may issue these loads
+// early (the unrolled loop keeps two chunks in flight).
 __device__ __forceinline__ uint4 load_stream(const void* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
