@@ -175,6 +175,24 @@ def test_weight_only_split_k(split_k, dtype, monkeypatch):
     assert rel_err(out, ref) <= TOL[dtype]
 
 
+@pytest.mark.skipif("triton" not in available_backends("int8_dynamic_linear"), reason="no triton")
+@pytest.mark.parametrize("M, N, K", [(1, 40, 72), (3, 33, 100), (17, 24, 300)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dynamic_fused_kernel_bit_identical_to_two_kernels(M, N, K, dtype, monkeypatch):
+    from fastllm.triton_kernels.int8 import int8_dynamic_linear
+
+    x = _activations(M, K, dtype)
+    x[0] = 0  # an all-zero row: scale 1
+    w_int8, w_scale = _weight(N, K)
+    bias = torch.randn(N, device=DEVICE).to(dtype)
+    poison_empty(monkeypatch)
+    fused = int8_dynamic_linear(x, w_int8, w_scale, bias, fused=True)
+    split = int8_dynamic_linear(x, w_int8, w_scale, bias, fused=False)
+    assert torch.equal(fused, split)
+    ref = reference.int8_dynamic_linear(x, w_int8, w_scale, bias)
+    assert rel_err(fused, ref) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("op", ["int8_dynamic_linear", "int8_weight_only_linear"])
 def test_leading_dims_and_strides(op):
     N, K = 24, 40

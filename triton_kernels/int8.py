@@ -8,6 +8,10 @@ W8A8, one kernel per call:
 The int32 accumulator never leaves the registers: the epilogue scales it in float32,
 adds the bias and stores the cast result.
 
+W8A8 with dynamic activations (int8_dynamic_linear): for M <= 64 one kernel quantizes
+each program's rows per token in registers (bit-identical to quantize_per_token) and runs
+the same GEMM and epilogue; for larger M, quantize_per_token then the kernel above.
+
 W8A16 (weight-only), for small M (decode): x stays fp16/bf16/fp32, each int8 weight tile
 is converted to x's dtype in registers (exact: |w| <= 127), so each weight byte is read
 once per M block. Where the (M, N) tiles are too few to fill the GPU, K is split across
@@ -27,6 +31,7 @@ import triton
 import triton.language as tl
 
 from fastllm.backend import triton_interpreted
+from fastllm.triton_kernels._compat import rint
 
 _SM_COUNT: dict[int, int] = {}
 _CAPABILITY: dict[int, tuple[int, int]] = {}
@@ -138,6 +143,99 @@ def int8_w8a8_linear(x, x_scale, w, w_scale, bias, out_dtype):
         x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None,
         **cfg,
+    )
+    return out
+
+
+# --- W8A8 with the per-token quantization fused in (small M) -----------------------------
+
+
+@triton.jit
+def _int8_dynamic_linear_kernel(
+    # pointers
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K,
+    # strides
+    stride_xm, stride_wn, stride_om,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Each program quantizes its BLOCK_M rows itself: a first pass over K for the row
+    # maxima, then the GEMM loop quantizes every x tile in registers before the int8
+    # dot. Same arithmetic as _quantize_per_token_kernel (div_rn, rint), so the result
+    # is bit-identical to quantize_per_token followed by the W8A8 kernel. For small M
+    # the extra reads of x (once per N block, from L2) cost less than a second launch.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (k0 + offs_k[None, :] < K)
+        x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    xs = tl.math.div_rn(amax, 127.0)
+    xs = tl.where(xs > 0.0, xs, 1.0)
+
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_left = K - k0
+        mask = mask_m[:, None] & (offs_k[None, :] < k_left)
+        x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(rint(tl.math.div_rn(x, xs[:, None])), -127.0), 127.0)
+        b = tl.load(w_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0)
+        acc = tl.dot(q.to(tl.int8), b, acc, out_dtype=tl.int32)
+        w_ptrs += BLOCK_K
+
+    ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+FUSED_MAX_M = 64  # above this, quantizing once (a separate kernel) is cheaper
+
+
+def int8_dynamic_linear(x, w, w_scale, bias, fused=None):
+    """x [M, K] fp32/fp16/bf16, w [N, K] int8, w_scale [N] float32, bias [N] or None;
+    unit stride on K -> [M, N] in x's dtype. fused=None: one kernel for M <= FUSED_MAX_M,
+    else quantize_per_token and the W8A8 kernel."""
+    M, K = x.shape
+    N = w.shape[0]
+    if fused is None:
+        fused = M <= FUSED_MAX_M
+    if not fused:
+        from fastllm.triton_kernels.quant import quantize_per_token
+
+        x_int8, x_scale = quantize_per_token(x)
+        return int8_w8a8_linear(x_int8, x_scale, w, w_scale, bias, x.dtype)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    bm = min(max(triton.next_power_of_2(M), 16), 64)
+    if triton_interpreted():
+        bn = min(max(triton.next_power_of_2(N), 16), 64)
+        bk = min(max(triton.next_power_of_2(K), 32), 128)
+        warps, stages = 4, 1
+    else:
+        bn, bk, warps, stages = 64, 128, 4, 3
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
+    _int8_dynamic_linear_kernel[grid](
+        x, w, w_scale, bias if bias is not None else w_scale, out,
+        M, N, K,
+        x.stride(0), w.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return out
 

@@ -121,11 +121,9 @@ def _dynamic_torch(x, w_int8, w_scale, bias):
 
 @backend.register("int8_dynamic_linear", "triton")
 def _dynamic_triton(x, w_int8, w_scale, bias):
-    from fastllm.triton_kernels.int8 import int8_w8a8_linear
-    from fastllm.triton_kernels.quant import quantize_per_token
+    from fastllm.triton_kernels.int8 import int8_dynamic_linear
 
-    x_int8, x_scale = quantize_per_token(x)
-    return int8_w8a8_linear(x_int8, x_scale, w_int8, w_scale, bias, x.dtype)
+    return int8_dynamic_linear(x, w_int8, w_scale, bias)
 
 
 # --- int8_weight_only_linear backends -------------------------------------------------
