@@ -86,11 +86,11 @@ def _attn_tiles(
         else:
             s = s * qk_scale
         if MASKED:
-            keep = k_ok[None, :]
-            if window_right >= 0:
-                keep = keep & (kpos[None, :] <= qpos[:, None] + window_right)
-            if window_left >= 0:
-                keep = keep & (kpos[None, :] >= qpos[:, None] - window_left)
+            keep = (
+                k_ok[None, :]
+                & ((window_right < 0) | (kpos[None, :] <= qpos[:, None] + window_right))
+                & ((window_left < 0) | (kpos[None, :] >= qpos[:, None] - window_left))
+            )
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
@@ -371,11 +371,11 @@ def _decode_split_kernel(
             s = _softcap(s * scale, softcap) * 1.4426950408889634
         else:
             s = s * qk_scale
-        keep = k_ok[None, :]
-        if window_right >= 0:
-            keep = keep & (kpos[None, :] <= qpos[:, None] + window_right)
-        if window_left >= 0:
-            keep = keep & (kpos[None, :] >= qpos[:, None] - window_left)
+        keep = (
+            k_ok[None, :]
+            & ((window_right < 0) | (kpos[None, :] <= qpos[:, None] + window_right))
+            & ((window_left < 0) | (kpos[None, :] >= qpos[:, None] - window_left))
+        )
         s = tl.where(keep, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
