@@ -206,6 +206,20 @@ def test_leading_dims_and_strides(op):
             assert rel_err(out, ref) <= 1e-5, (name, x.shape, x.stride())
 
 
+def test_non_contiguous_weight_and_scales():
+    N, K = 24, 40
+    w_int8, w_scale = _weight(N, K)
+    w_t = w_int8.t().contiguous().t()  # same values, column-major
+    ws_strided = torch.stack([w_scale, w_scale], 1)[:, 0]
+    bias = torch.randn(2 * N, device=DEVICE)[::2]
+    x = torch.randn(5, K, device=DEVICE)
+    for op in ("int8_dynamic_linear", "int8_weight_only_linear"):
+        ref = getattr(reference, op)(x, w_int8, w_scale, bias.contiguous())
+        for name in available_backends(op):
+            out = _run(op, name, x, w_t, ws_strided, bias)
+            assert rel_err(out, ref) <= 1e-5, (op, name)
+
+
 def test_int8_linear_leading_dims_and_strides():
     N, K = 24, 40
     w_int8, w_scale = _weight(N, K)
