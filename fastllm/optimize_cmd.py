@@ -37,7 +37,11 @@ CONFIGS = {
     ),
     "w8a16": ("attention + w8a16", {"linear": "w8a16"}, False),
     "2:4": ("attention + 2:4 (Wanda)", {"linear": "2:4"}, True),
-    "block": ("attention + block 64x64, density 0.5 (Wanda)", {"linear": "block"}, True),
+    "block": (
+        "attention + block 32x32, density 0.75 (Wanda)",
+        {"linear": "block", "block_size": (32, 32), "density": 0.75},
+        True,
+    ),
     "2:4+w8a8": ("attention + 2:4 int8 (Wanda)", {"linear": "2:4+w8a8"}, True),
 }
 DEFAULT_CONFIGS = ("attention", "w8a8", "w8a8-plain", "w8a16", "2:4", "block")
