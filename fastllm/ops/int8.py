@@ -11,7 +11,9 @@ functions answer empty inputs and K = 0 themselves).
     w_int8    [N, K]   int8, contiguous
     w_scale   [N]      float32, contiguous
     bias      [N]      float32/float16/bfloat16, contiguous, or None (added in float32)
-    out_dtype          torch.float32, torch.float16 or torch.bfloat16
+    out_dtype          torch.float32, torch.float16 or torch.bfloat16 (a torch.dtype: the
+                       custom op's schema has ScalarType; the public function also takes
+                       names such as "bf16" and converts them)
     out       [M, N]   out_dtype:  (x_int8 @ w_int8.T) * x_scale[:, None] * w_scale[None, :]
                        + bias, with an exact int32 accumulator and the epilogue in float32
 
@@ -24,8 +26,8 @@ functions answer empty inputs and K = 0 themselves).
     x         [M, K]   float32/float16/bfloat16, contiguous
     w_int8, w_scale, bias as above
     out       [M, N]   x's dtype: (x @ w_int8.T) * w_scale[None, :] + bias, accumulated in
-                       float32 (the weights are converted in registers, never dequantized
-                       into memory)
+                       float32 (a kernel converts the weights in registers: it reads each
+                       weight byte once and never writes a dequantized weight)
 
 A new backend registers with ``@backend.register("int8_linear", "cuda", supports=...)``
 (and the same for the two other ops); nothing else here changes.
