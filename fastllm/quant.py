@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -289,7 +290,8 @@ def _fold(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> str | N
     b = getattr(norm, "bias", None)
     b = b if isinstance(b, torch.Tensor) and b.shape == w.shape else None
     sd = s.to(device=w.device)
-    probe = torch.randn(4, w.shape[0], device=w.device, dtype=w.dtype)
+    gen = torch.Generator(device=w.device).manual_seed(0)  # leaves the global RNG alone
+    probe = torch.randn(4, w.shape[0], generator=gen, device=w.device).to(w.dtype)
     saved = [t.detach().clone() for t in (w, b) if t is not None]
     try:
         before = norm(probe).float()
