@@ -35,7 +35,7 @@ timeout 120 "$PY" -m fastllm doctor 2>&1 | tee "$OUTDIR/doctor.txt" || failed+=(
 
 step "tests (all, on the GPU)"
 pytest_timeout=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo --timeout=120)
-timeout 330 "$PY" -m pytest -q -x $pytest_timeout -p no:cacheprovider --junitxml="$OUTDIR/junit.xml" \
+timeout 330 "$PY" -m pytest -q $pytest_timeout -p no:cacheprovider --junitxml="$OUTDIR/junit.xml" \
     >"$OUTDIR/tests.log" 2>&1 || { failed+=(tests); grep -E "^(FAILED|ERROR)|Error" "$OUTDIR/tests.log" | head -30; }
 tail -3 "$OUTDIR/tests.log"
 
