@@ -136,6 +136,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
