@@ -78,6 +78,21 @@ def test_smooth_scale_keeps_float_result():
     assert sqnr_db(smoothed(x), ref) >= 30 and sqnr_db(plain(x), ref) >= 40
 
 
+def test_to_dtype_keeps_float32_scales():
+    lin = _linear(32, 16)
+    q = Int8Linear.from_linear(lin, mode="w8a8", smooth_scale=torch.rand(32, device=DEVICE) + 1)
+    scale = q.weight_scale.clone()
+    q = q.to(torch.bfloat16)
+    assert q.bias.dtype == torch.bfloat16 and q.weight.dtype == torch.int8
+    assert q.weight_scale.dtype == torch.float32 and torch.equal(q.weight_scale, scale)
+    assert q.smooth_scale.dtype == torch.float32
+    x = torch.randn(4, 32, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert q(x).dtype == torch.bfloat16 and sqnr_db(q(x), lin(x.float())) > 25
+    q.half()
+    assert q.weight_scale.dtype == torch.float32 and q.bias.dtype == torch.float16
+
+
 @pytest.mark.parametrize("shape", [(7,), (2, 7), (2, 3, 7), (1, 2, 3, 7), (0, 7)])
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 def test_any_leading_shape(shape, mode):
@@ -130,8 +145,9 @@ def test_errors():
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 def test_compile_fullgraph_mlp(mode):
     mlp = nn.Sequential(_linear(64, 128), nn.GELU(), _linear(128, 32)).eval()
-    for i in (0, 2):
-        mlp[i] = Int8Linear.from_linear(mlp[i], mode=mode)
+    s = torch.rand(64, device=DEVICE) + 0.5
+    mlp[0] = Int8Linear.from_linear(mlp[0], mode=mode, smooth_scale=s)
+    mlp[2] = Int8Linear.from_linear(mlp[2], mode=mode)
     x = torch.randn(3, 5, 64, device=DEVICE)
     eager = mlp(x)
     compiled = torch.compile(mlp, fullgraph=True, backend="eager")

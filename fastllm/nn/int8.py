@@ -7,7 +7,8 @@ Everything is a buffer, so ``state_dict`` holds exactly what the kernels read an
 round-trips exactly: ``weight`` int8 (out, in), ``weight_scale`` float32 (out,), ``bias``
 (out,) in the original layer's dtype or None, and ``smooth_scale`` float32 (in,) or None
 (SmoothQuant's per-input-channel factor kept at run time: the input is divided by it,
-the weight was multiplied by it before quantization).
+the weight was multiplied by it before quantization). ``module.to(dtype)`` casts the
+bias only: the scales stay float32.
 
 ``last_backend`` records which backend served the latest forward (not updated under
 torch.compile, where the op runs outside Python).
@@ -154,6 +155,17 @@ class Int8Linear(nn.Module):
         if self.smooth_scale is not None:
             w = w / self.smooth_scale[None, :]
         return w
+
+    def _apply(self, fn, *args, **kwargs):
+        # module.to(dtype) / .half() cast every float buffer; the scales stay float32
+        # (moved to the new device only), as the kernels read them
+        scales = {n: self._buffers.get(n) for n in ("weight_scale", "smooth_scale")}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in scales.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return out
 
     def get_extra_state(self) -> dict:
         return {"mode": self.mode}
