@@ -119,7 +119,7 @@ def _w8a8_config(M: int, N: int, K: int, big_smem: bool = False) -> dict:
     if M <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
     if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     if M <= 256:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
     if big_smem:  # sm_90 (228 KB of shared memory): wide tiles for wgmma
