@@ -734,12 +734,12 @@ build(ta._attn_fwd_kernel,
       dict(q_ptr=t16, k_ptr=t16, v_ptr=t16, o_ptr=t16, lse_ptr="*fp32", cu_q_ptr="*i32",
            cu_k_ptr="*i32", scale="fp32", softcap="fp32"),
       dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, VARLEN=True, HAS_SOFTCAP=True,
-           RETURN_LSE=True, UPCAST=False, group=1), warps)
+           RETURN_LSE=True, UPCAST=False, EVEN_D=True, group=1), warps)
 build(ta._decode_split_kernel,
       dict(q_ptr=t16, k_ptr=t16, v_ptr=t16, seqlens_ptr="*i32", bt_ptr="*i32",
            o_ptr="*fp32", lse_ptr="*fp32", scale="fp32", softcap="fp32"),
       dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, PAGED=True, HAS_SOFTCAP=False,
-           UPCAST=False, STORE_LSE=True, q_len=1), 4)
+           UPCAST=False, STORE_LSE=True, EVEN_D=False, q_len=1), 4)
 build(ta._decode_merge_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", o_ptr=t16),
       dict(BLOCK_S=16, BLOCK_D=128), 4)
 build(ta._kv_append_kernel,

@@ -52,7 +52,7 @@ def _attn_tiles(
     acc, l_i, m_i, q, k_base, v_base, qpos, start, end,
     sk, stride_ks, stride_vs, head_dim, scale, softcap, window_left, window_right,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Online softmax over the key tiles [start, end) (start a multiple of BLOCK_N).
     MASKED=False: every key of every tile is visible to every row (no mask built)."""
@@ -62,21 +62,24 @@ def _attn_tiles(
     qk_scale = scale * 1.4426950408889634
     for start_n in range(start, end, BLOCK_N):
         kpos = start_n + offs_n
+        # masks only where needed: a mask along head_dim would stop vectorized loads
+        k_ptrs = k_base + kpos[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + kpos[:, None] * stride_vs + offs_d[None, :]
+        k_ok = kpos < sk
         if MASKED:
-            k_ok = kpos < sk
-            k = tl.load(
-                k_base + kpos[None, :] * stride_ks + offs_d[:, None],
-                mask=k_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            v = tl.load(
-                v_base + kpos[:, None] * stride_vs + offs_d[None, :],
-                mask=k_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+            if EVEN_D:
+                k = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            k = tl.load(k_base + kpos[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            if EVEN_D:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -119,9 +122,10 @@ def _attn_fwd_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RETURN_LSE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # the last row blocks (the longest under a causal mask) start first
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     kvh = h // group
@@ -149,15 +153,15 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
     row_ok = offs_m < sq
+    if EVEN_D:  # no mask along head_dim: vectorized loads and stores
+        qo_mask = row_ok[:, None]
+    else:
+        qo_mask = row_ok[:, None] & d_ok[None, :]
 
     q_base = q_ptr + b * stride_qb + q_start * stride_qs + h * stride_qh
     k_base = k_ptr + b * stride_kb + k_start * stride_ks + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + k_start * stride_vs + kvh * stride_vh
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qo_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -189,17 +193,17 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, k_base, v_base, qpos, lo, mid_lo,
         sk, stride_ks, stride_vs, head_dim, scale, softcap, window_left, window_right,
-        BLOCK_N, BLOCK_D, True, HAS_SOFTCAP, UPCAST,
+        BLOCK_N, BLOCK_D, True, HAS_SOFTCAP, UPCAST, EVEN_D,
     )
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, k_base, v_base, qpos, mid_lo, mid_hi,
         sk, stride_ks, stride_vs, head_dim, scale, softcap, window_left, window_right,
-        BLOCK_N, BLOCK_D, False, HAS_SOFTCAP, UPCAST,
+        BLOCK_N, BLOCK_D, False, HAS_SOFTCAP, UPCAST, EVEN_D,
     )
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, k_base, v_base, qpos, mid_hi, hi,
         sk, stride_ks, stride_vs, head_dim, scale, softcap, window_left, window_right,
-        BLOCK_N, BLOCK_D, True, HAS_SOFTCAP, UPCAST,
+        BLOCK_N, BLOCK_D, True, HAS_SOFTCAP, UPCAST, EVEN_D,
     )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -208,7 +212,7 @@ def _attn_fwd_kernel(
     tl.store(
         o_base + offs_m[:, None] * stride_os + offs_d[None, :],
         out.to(o_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
+        mask=qo_mask,
     )
     if RETURN_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
@@ -262,6 +266,7 @@ def attention(
     bm, bn, num_warps, num_stages = _prefill_blocks(head_dim, interpreted)
     bm, bn = block_m or bm, block_n or bn
     sb = (lambda t: 0) if varlen else (lambda t: t.stride(0))
+    block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(seqlen_q, bm), batch, hq)
     _attn_fwd_kernel[grid](
         q4, k4, v4, o4, lse,
@@ -273,9 +278,10 @@ def attention(
         sb(v4), v4.stride(1), v4.stride(2),
         sb(o4), o4.stride(1), o4.stride(2),
         stride_lb, stride_lh,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         VARLEN=varlen, HAS_SOFTCAP=softcap > 0, RETURN_LSE=return_lse,
-        UPCAST=interpreted, num_warps=num_warps, num_stages=num_stages,
+        UPCAST=interpreted, EVEN_D=head_dim == block_d,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, (lse if return_lse else None)
 
@@ -301,7 +307,7 @@ def _decode_split_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_LSE: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -320,9 +326,13 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
 
+    if EVEN_D:  # no mask along head_dim: vectorized loads and stores
+        qo_mask = row_ok[:, None]
+    else:
+        qo_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(
         q_ptr + b * stride_qb + t[:, None] * stride_qs + hq[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
+        mask=qo_mask,
         other=0.0,
     )
     if UPCAST:
@@ -353,16 +363,14 @@ def _decode_split_kernel(
             kv_s = kpos
         k_rows = kv_b * stride_kb + kv_s * stride_ks  # [BLOCK_N]
         v_rows = kv_b * stride_vb + kv_s * stride_vs
-        k = tl.load(
-            k_ptr + kvh * stride_kh + k_rows[None, :] + offs_d[:, None],
-            mask=k_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_ptr + kvh * stride_vh + v_rows[:, None] + offs_d[None, :],
-            mask=k_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        k_ptrs = k_ptr + kvh * stride_kh + k_rows[None, :] + offs_d[:, None]
+        v_ptrs = v_ptr + kvh * stride_vh + v_rows[:, None] + offs_d[None, :]
+        if EVEN_D:
+            k = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -392,7 +400,7 @@ def _decode_split_kernel(
         o_ptr + split * stride_os + b * stride_ob + t[:, None] * stride_ot
         + hq[:, None] * stride_oh + offs_d[None, :],
         out.to(o_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
+        mask=qo_mask,
     )
     if STORE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
@@ -515,6 +523,7 @@ def decode_attention(
         *stride_l,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PAGED=paged, HAS_SOFTCAP=softcap > 0, UPCAST=interpreted, STORE_LSE=num_splits > 1,
+        EVEN_D=head_dim == block_d,
         num_warps=num_warps, num_stages=1 if interpreted else 3,
     )
     if num_splits > 1:
