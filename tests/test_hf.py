@@ -178,15 +178,20 @@ def test_gpt2_conv1d_swapped():
 
 @pytest.mark.parametrize("linear", [None, "w8a8", "w8a16"])
 def test_compile_fullgraph_llama(linear):
+    # fullgraph=True: a graph break anywhere (fastllm's ops, the mask function) raises
     model = _llama()
     fastllm.optimize(model, linear=linear)
     ids = torch.randint(3, 128, (2, 12))
+    padded, mask = _padded_ids()
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         ref = model(ids).logits
         out = compiled(ids).logits
+        ref_pad = model(input_ids=padded, attention_mask=mask).logits
+        out_pad = compiled(input_ids=padded, attention_mask=mask).logits
     assert rel_err(out, ref) < 1e-5
+    assert rel_err(out_pad[mask.bool()], ref_pad[mask.bool()]) < 1e-5
 
 
 def test_hf_report_and_idempotent():
