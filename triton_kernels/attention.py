@@ -13,7 +13,10 @@ get out = 0 and lse = -inf.
 Prefill: one program per (BLOCK_M queries, batch, q head). Keys stream through in
 BLOCK_N tiles with an online softmax in base 2 (running max m, running sum l, rescaled
 accumulator): the S x S score matrix never leaves registers. Only the key tiles that
-the causal/window mask can reach are visited.
+the causal/window mask can reach are visited, and those wholly inside it for every
+row of the block are processed without building a mask. Row blocks are launched
+last-first, so the longest ones under a causal mask start first. With varlen the grid
+covers max_seqlen_q rows per sequence.
 
 Decode: one program per (KV split, batch, kv head x row block). The rows of a program
 are the q_len x (Hq / Hkv) query rows that share one kv head, so each key and value is
@@ -36,8 +39,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -227,7 +228,7 @@ def _prefill_blocks(head_dim: int, interpreted: bool) -> tuple[int, int, int, in
         return 128, 64, 4, 3
     if head_dim <= 128:
         return 128, 64, 8, 3
-    return 64, 32, 4, 2
+    return 64, 32, 8, 2  # head_dim 256: a 64 x 256 fp32 accumulator over 8 warps
 
 
 def attention(
