@@ -5,7 +5,8 @@
     fastllm optimize --save out/ --json --plot speed_vs_accuracy.png
 
 For each configuration: latency of one forward pass on a padded batch of sentences
-(median of repeated runs after warm-up), speedup over the unmodified model, accuracy
+(median of repeated runs after warm-up; the configurations take turns in each round),
+speedup over the unmodified model, accuracy
 as the cosine similarity of mean-pooled sentence embeddings with the unmodified
 model's (mean and worst over a fixed set of sentences), and the backends that served
 the layers. Calibration (SmoothQuant, Wanda) uses every fourth sentence.
@@ -170,20 +171,24 @@ def embed(model, batches) -> torch.Tensor:
 
 
 @torch.no_grad()
-def time_forward(model, batch, repeats: int, progress: _Progress, label: str) -> float:
-    """Median milliseconds of model(**batch), after two warm-up runs."""
+def time_interleaved(models: dict, batch, repeats: int, progress: _Progress) -> dict[str, float]:
+    """Median milliseconds of model(**batch) per model, after two warm-up runs each. The
+    models take turns within each round, so that a machine whose load changes during the
+    run slows them all alike."""
     sync = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
-    for _ in range(2):
-        model(**batch)
+    for model in models.values():
+        for _ in range(2):
+            model(**batch)
     sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(**batch)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-        progress.step(f"timing {label}")
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(repeats):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(**batch)
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        progress.step(f"timing round {r + 1}/{repeats}")
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _served(model) -> str:
@@ -217,20 +222,17 @@ def run(args: argparse.Namespace) -> int:
     eval_batches = make_batches(tok, sentences, args.batch_size, args.max_length, device)
     calib = make_batches(tok, sentences[::4], args.batch_size, args.max_length, device)
     timed = eval_batches[0]
-    progress = _Progress((len(names) + 1) * args.repeats + len(names), args.no_progress)
+    progress = _Progress(args.repeats + len(names), args.no_progress)
 
     ref = embed(base, eval_batches)
-    base_ms = time_forward(base, timed, args.repeats, progress, "unmodified")
-    rows = [
-        {
-            "config": f"{dtype_name} (unmodified)",
-            "ms": base_ms,
-            "speedup": 1.0,
-            "cos_mean": 1.0,
-            "cos_min": 1.0,
-            "served": "PyTorch",
-        }
-    ]
+    base_label = f"{dtype_name} (unmodified)"
+    models, rows = {base_label: base}, {}
+    rows[base_label] = {
+        "config": base_label,
+        "cos_mean": 1.0,
+        "cos_min": 1.0,
+        "served": "PyTorch",
+    }
     for name in names:
         desc, kwargs, needs_calib = CONFIGS[name]
         model = copy.deepcopy(base)
@@ -238,25 +240,25 @@ def run(args: argparse.Namespace) -> int:
         try:
             fastllm.optimize(model, calibration=calib if needs_calib else None, **kwargs)
         except NotImplementedError as e:
-            rows.append({"config": name, "error": str(e)})
-            progress.step(f"skipped {name}", args.repeats)
+            rows[name] = {"config": name, "error": str(e)}
             continue
         emb = embed(model, eval_batches)
         cos = (emb * ref).sum(-1)
-        ms = time_forward(model, timed, args.repeats, progress, name)
-        row = {
+        rows[name] = {
             "config": name,
             "description": desc,
-            "ms": ms,
-            "speedup": base_ms / ms,
             "cos_mean": cos.mean().item(),
             "cos_min": cos.min().item(),
             "served": _served(model),
         }
         if args.save:
-            row["saved"] = str(fastllm.save(model, Path(args.save) / name.replace(":", "-")))
-        rows.append(row)
-        del model
+            rows[name]["saved"] = str(fastllm.save(model, Path(args.save) / name.replace(":", "-")))
+        models[name] = model
+    ms = time_interleaved(models, timed, args.repeats, progress)
+    for name, t in ms.items():
+        rows[name]["ms"] = t
+        rows[name]["speedup"] = ms[base_label] / t
+    rows = list(rows.values())
     progress.close()
 
     info = {
