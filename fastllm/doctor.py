@@ -70,6 +70,8 @@ def report() -> list[str]:
                 lines.append(f"    {name:<10} -  no implementation")
                 continue
             reason = backend.unavailable_reason(name, device)
+            if reason is None and name in backend.UNVERIFIED:
+                reason = f"only when forced: {backend.UNVERIFIED[name]}"
             lines.append(f"    {name:<10} {'ok' if reason is None else '-  ' + reason}")
     return lines
 

@@ -59,7 +59,9 @@ def test_forced_backends_recorded(name):
 
 def test_wanda_from_calibration():
     model = nn.Sequential(_linear(64, 32), nn.ReLU(), _linear(32, 16))
-    batches = [torch.randn(8, 64, device=DEVICE) * torch.linspace(0.01, 10, 64, device=DEVICE)]
+    # activation scales that differ inside each group of 4 (where 2:4 chooses)
+    scales = torch.tensor([0.05, 5.0, 0.5, 2.0], device=DEVICE).repeat(16)
+    batches = [torch.randn(64, 64, device=DEVICE) * scales]
     norms = calibrate(model, batches)
     wanda = Sparse24Linear.from_linear(model[0], "wanda", norms["0"])
     magnitude = Sparse24Linear.from_linear(model[0])

@@ -36,7 +36,7 @@ implementation then receives plain values, positionally, in this order:
 
 A backend registers ``backend.register(op, name, supports=...)`` where `supports`
 takes the same arguments and returns None or the reason it cannot serve the call.
-A `cuda` backend plugs in the same way (see the `triton` registrations below).
+The `cuda` backend is the launchers of fastllm/native/attention.py, registered below.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllm import backend, reference
+from fastllm.native import attention as native_attention
 from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from fastllm.reference.attention import visible
 
@@ -262,6 +263,16 @@ def _decode_triton(*args):
     from fastllm.triton_kernels.attention import decode_attention
 
     return decode_attention(*args)
+
+
+# --- backends: cuda (csrc/attention/, launched by fastllm/native/attention.py) ---------------
+
+backend.register("attention", "cuda", supports=native_attention.supports_prefill)(
+    native_attention.prefill
+)
+backend.register("decode_attention", "cuda", supports=native_attention.supports_decode)(
+    native_attention.decode
+)
 
 
 # --- backends: kv_cache_append ---------------------------------------------------------------

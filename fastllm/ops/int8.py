@@ -29,8 +29,8 @@ functions answer empty inputs and K = 0 themselves).
                        float32 (a kernel converts the weights in registers: it reads each
                        weight byte once and never writes a dequantized weight)
 
-A new backend registers with ``@backend.register("int8_linear", "cuda", supports=...)``
-(and the same for the two other ops); nothing else here changes.
+The ``cuda`` backend is the launchers of fastllm/native/int8.py, registered below with
+their ``supports_*`` checks.
 
 ``torch`` backend:
     int8_linear: ``torch._int_mm`` where it accepts the shapes (on the CPU any shape with
@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllm import backend, reference
+from fastllm.native import int8 as native_int8
 from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, rows_view
 from fastllm.ops.quant import _quantize_torch
 
@@ -177,6 +178,17 @@ def _weight_only_triton(x, w_int8, w_scale, bias):
     from fastllm.triton_kernels.int8 import int8_w8a16_linear
 
     return int8_w8a16_linear(x, w_int8, w_scale, bias)
+
+
+# --- cuda backends (csrc/int8/, launched by fastllm/native/int8.py) --------------------
+
+backend.register("int8_linear", "cuda", supports=native_int8.supports_w8a8)(native_int8.w8a8_linear)
+backend.register("int8_dynamic_linear", "cuda", supports=native_int8.supports_dynamic)(
+    native_int8.dynamic_linear
+)
+backend.register("int8_weight_only_linear", "cuda", supports=native_int8.supports_w8a16)(
+    native_int8.w8a16_linear
+)
 
 
 # --- registered ops ---------------------------------------------------------------------

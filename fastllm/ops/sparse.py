@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllm import backend, reference
+from fastllm.native import sparse as native_sparse
 from fastllm.ops._checks import FLOAT_DTYPES, check_tensor, rows_view
 from fastllm.sparse.format import (
     BlockSparseWeight,
@@ -83,6 +84,11 @@ def _sparse24_triton(x2, values, metadata, bias):
     from fastllm.triton_kernels.sparse import sparse24_linear
 
     return sparse24_linear(x2, values, metadata, bias)
+
+
+backend.register("sparse24_linear", "cuda", supports=native_sparse.supports_sparse24)(
+    native_sparse.sparse24_linear
+)
 
 
 # --- block_sparse_linear backends ------------------------------------------------------
