@@ -94,3 +94,19 @@ def test_imports_and_runs_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "triton is not installed" in out.stdout
+
+
+def test_unverified_backend_serves_only_when_forced(monkeypatch):
+    monkeypatch.setattr(backend, "unavailable_reason", lambda name, device=None: None)
+    monkeypatch.setitem(backend.UNVERIFIED, "cuda", "not yet run on a GPU")
+    backend.register("_test_gpu_op", "cuda")(lambda x: x)
+    backend.register("_test_gpu_op", "torch")(lambda x: x)
+    try:
+        gpu = torch.device("cuda")
+        assert backend.select("_test_gpu_op", gpu, 0) == "torch"
+        with fastllm.use_backend("cuda"):
+            assert backend.select("_test_gpu_op", gpu, 0) == "cuda"
+        monkeypatch.delitem(backend.UNVERIFIED, "cuda")
+        assert backend.select("_test_gpu_op", gpu, 0) == "cuda"
+    finally:
+        backend._REGISTRY.pop("_test_gpu_op")
