@@ -244,6 +244,13 @@ def _name_matches(name: str, patterns: Iterable[str]) -> bool:
 # --- optimize ------------------------------------------------------------------------------
 
 _OPTIONS = ("attention", "linear", "calibration", "filter_fn", "backend")
+_MODULE_OF = {
+    "w8a8": "Int8Linear",
+    "w8a16": "Int8Linear",
+    "2:4": "Sparse24Linear",
+    "block": "BlockSparseLinear",
+    "2:4+w8a8": "Sparse24Linear",
+}
 
 
 def _make_linear_config(linear, options: dict) -> LinearConfig | None:
@@ -326,6 +333,8 @@ def optimize(
         rep.notes.append(f"optimize called again with {opts}")
         rep.options = {**rep.options, **{k: v for k, v in opts.items() if v}}
 
+    if cfg is not None:  # fail before any swap when the family is missing
+        _family(_MODULE_OF[cfg.kind], "fastllm.nn", f"linear={cfg.kind!r}")
     was_training = model.training
     model.eval()
     try:
@@ -609,15 +618,6 @@ def _build_linear(kind, lin: nn.Linear, name, cfg, smooth_scales, act_norms, met
 
 
 def _swap_linears(model, cfg: LinearConfig, batches, filter_fn, rep: Report) -> None:
-    # Fail early, before calibration or any swap, when the family is missing.
-    needs = {
-        "w8a8": "Int8Linear",
-        "w8a16": "Int8Linear",
-        "2:4": "Sparse24Linear",
-        "block": "BlockSparseLinear",
-        "2:4+w8a8": "Sparse24Linear",
-    }[cfg.kind]
-    _family(needs, "fastllm.nn", f"linear={cfg.kind!r}")
     targets = _linear_targets(model, cfg, filter_fn, rep)
     if not targets:
         rep.calibration = "none: no float linear layer to swap"

@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on a GPU)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch (default: its own choice)",
+    )
     parser.add_argument("--save", metavar="DIR", help="keep each optimized model in DIR/<config>")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--plot", metavar="FILE.png", help="draw speedup against accuracy")
@@ -214,6 +220,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--dtype must be float32, bfloat16 or float16, got {dtype_name!r}")
     dtype = getattr(torch, dtype_name)
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     sentences = SENTENCES if args.sentences is None else SENTENCES[: args.sentences]
     if len(sentences) < 1:
         raise SystemExit("--sentences must be >= 1")
