@@ -413,6 +413,7 @@ def _swap_mha(parent: nn.Module, prefix: str, filter_fn, rep: Report) -> None:
                                f"unsupported: {e}")
                 )  # fmt: skip
                 continue
+            record_attention_backend(new)
             setattr(parent, name, new)
             rep.layers.append(
                 LayerEntry(full, "attention", "swapped", "MultiheadAttention", type(new).__name__)
@@ -422,6 +423,29 @@ def _swap_mha(parent: nn.Module, prefix: str, filter_fn, rep: Report) -> None:
                 rep.layers.append(LayerEntry(full, "attention", "kept", type(child).__name__))
         else:
             _swap_mha(child, full, filter_fn, rep)
+
+
+def record_attention_backend(module: nn.Module) -> None:
+    """Records in `module.fastllm_backend` which fastllm ops served its latest forward
+    (eager mode; nothing is recorded, and nothing traced, under torch.compile)."""
+
+    def enter(mod, args):
+        if torch.compiler.is_compiling():
+            return
+        cm = _backend.trace()
+        mod.__dict__["_fastllm_trace"] = (cm, cm.__enter__())
+
+    def leave(mod, args, output):
+        pending = mod.__dict__.pop("_fastllm_trace", None)
+        if pending is None:
+            return
+        cm, calls = pending
+        cm.__exit__(None, None, None)
+        served = sorted({f"{op}:{b}" for op, b in calls})
+        mod.fastllm_backend = ", ".join(served) if served else "PyTorch SDPA (masked path)"
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
 
 
 class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):

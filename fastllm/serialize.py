@@ -346,7 +346,9 @@ def _rebuild(old: nn.Module, info: dict, name: str, directory: Path) -> nn.Modul
     if kind == "attention":
         if not isinstance(old, nn.MultiheadAttention):
             raise ValueError(f"{where} should be a MultiheadAttention, found {type(old).__name__}")
-        return cls.from_module(old)
+        new = cls.from_module(old)
+        _opt.record_attention_backend(new)
+        return new
     if not (isinstance(old, nn.Linear) or _opt._is_conv1d(old)):
         raise ValueError(f"{where} should be a linear layer, found {type(old).__name__}")
     lin = _opt._as_linear(old)

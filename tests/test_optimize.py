@@ -181,6 +181,12 @@ def test_transformer_encoder_attention(batch_first):
             out = enc(x)
         out_pad = enc(x, src_key_padding_mask=pad)
     assert ("attention", "torch") in calls
+    served = {e.name: e.backend for e in fastllm.report(enc).layers if e.kind == "attention"}
+    assert served == {f"layers.{i}.self_attn": "PyTorch SDPA (masked path)" for i in (0, 1)}
+    with torch.no_grad():
+        enc(x)
+    served = {e.name: e.backend for e in fastllm.report(enc).layers if e.kind == "attention"}
+    assert served == {f"layers.{i}.self_attn": "attention:torch" for i in (0, 1)}
     assert all(isinstance(m, FusedTransformerEncoderLayer) for m in enc.layers)
     assert type(enc.layers[0].self_attn).__name__ == "FusedMultiheadAttention"
     assert rel_err(out, ref) < 1e-5
@@ -209,3 +215,14 @@ def test_multihead_attention_module():
     out, _ = model["attn"](q, q, q, need_weights=False)
     assert rel_err(out, ref) < 1e-5
     assert _swapped(model) == {"attn": "FusedMultiheadAttention"}
+
+
+def test_compile_fullgraph_encoder():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2)
+    enc.eval()
+    fastllm.optimize(enc, linear="w8a16")
+    x = torch.randn(2, 9, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), enc(x))
