@@ -644,7 +644,7 @@ def _build_linear(kind, lin: nn.Linear, name, cfg, smooth_scales, act_norms, met
 def _swap_linears(model, cfg: LinearConfig, batches, filter_fn, rep: Report) -> None:
     targets = _linear_targets(model, cfg, filter_fn, rep)
     if not targets:
-        rep.calibration = "none: no float linear layer to swap"
+        rep.notes.append(f"linear={cfg.kind!r}: no float linear layer left to swap")
         return
     # GPT-2's Conv1D becomes the equivalent nn.Linear first, so that calibration hooks
     # and SmoothQuant see it like any other linear layer.

@@ -100,6 +100,8 @@ def test_idempotent():
     rep = fastllm.report(model)
     assert {e.name for e in rep.layers if e.action == "swapped"} == {"up", "down"}
     assert any("called again" in n for n in rep.notes)
+    assert any("no float linear layer left" in n for n in rep.notes)
+    assert rep.calibration == "w8a16 needs no calibration"
 
 
 def test_nothing_to_swap():
