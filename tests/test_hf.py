@@ -206,6 +206,29 @@ def test_hf_report_and_idempotent():
 
 
 @pytest.mark.gpu
+def test_cuda_bf16_padded_generate():
+    # on a GPU the kernels serve prefill (varlen segments) and the one-token steps
+    model = _llama().to("cuda", torch.bfloat16)
+    ids, mask = _padded_ids()
+    ids, mask = ids.cuda(), mask.cuda()
+    plain = torch.randint(3, 128, (2, 7), device="cuda")
+    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        ref_gen = model.generate(input_ids=plain, **kw)
+        fastllm.optimize(model)
+        with fastllm.backend.trace() as calls:
+            out = model(input_ids=ids, attention_mask=mask).logits
+            gen = model.generate(input_ids=plain, **kw)
+    assert rel_err(out[mask.bool()], ref[mask.bool()]) < 1e-2
+    for a, b in zip(gen.logits, ref_gen.logits):
+        assert rel_err(a, b) < 2e-2
+    served = {b for _, b in calls}
+    assert served <= {"cuda", "triton"} and served, served
+    assert {"attention", "decode_attention"} <= {op for op, _ in calls}
+
+
+@pytest.mark.gpu
 def test_decode_step_cuda_graph_capture():
     # the decode path of the attention function does no host synchronisation
     q = torch.randn(4, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
