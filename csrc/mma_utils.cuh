@@ -112,21 +112,6 @@ __device__ __forceinline__ void mma_sp_f16(float (&d)[4], const uint32_t (&a)[4]
   }
 }
 
-// Raises a kernel's dynamic shared memory limit past 48 KiB, once per device. `done`
-// must be distinct per kernel (a function-local static of the launching template).
-template <typename Kernel>
-inline const char* allow_smem(Kernel kernel, int bytes, bool (&done)[64]) {
-  if (bytes <= 48 * 1024) return nullptr;
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (dev >= 0 && dev < 64 && done[dev]) return nullptr;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (dev >= 0 && dev < 64) done[dev] = true;  // racing first calls both set it: harmless
-  return nullptr;
-}
-
 // float -> output element, rounding to nearest even.
 template <typename T>
 __device__ __forceinline__ T from_float(float v);

@@ -336,26 +336,12 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
   }
 }
 
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
-  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
-  return err;
-}
-
 template <typename T, int D>
 const char* launch(const DecodeArgs& a, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   constexpr int smem = DecodeSmem<D>::kElems * static_cast<int>(sizeof(T));
   auto kernel = decode_kernel<T, D>;
-  if (cudaError_t err = allow_smem(kernel, smem, smem_set); err != cudaSuccess)
-    return cudaGetErrorString(err);
+  if (const char* err = allow_smem(kernel, smem, smem_set)) return err;
   const int64_t rows_total = static_cast<int64_t>(a.q_len) * (a.heads_q / a.heads_kv);
   const int m_blocks = static_cast<int>((rows_total + kRows - 1) / kRows);
   const int64_t blocks = static_cast<int64_t>(a.batch) * a.heads_kv * m_blocks;

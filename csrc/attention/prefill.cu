@@ -258,27 +258,12 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillArgs p) 
   }
 }
 
-// Raises the kernel's dynamic shared-memory limit once per device.
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int bytes, std::atomic<uint64_t>& done) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
-  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
-  return err;
-}
-
 template <typename T, int D>
 const char* launch(const PrefillArgs& a, cudaStream_t stream) {
   static std::atomic<uint64_t> smem_set{0};
   constexpr int smem = PrefillSmem<D>::kElems * static_cast<int>(sizeof(T));
   auto kernel = prefill_kernel<T, D>;
-  if (cudaError_t err = allow_smem(kernel, smem, smem_set); err != cudaSuccess)
-    return cudaGetErrorString(err);
+  if (const char* err = allow_smem(kernel, smem, smem_set)) return err;
   const dim3 grid((a.seqlen_q + kBlockM - 1) / kBlockM, a.heads_q, a.batch);
   kernel<<<grid, kThreads, smem, stream>>>(a);
   return launch_status();

@@ -200,7 +200,7 @@ const char* launch(const int8_t* x, int64_t ldx, const float* xs, const int8_t* 
                    int N, int K, cudaStream_t stream) {
   using C = Tile<BM, BN, WM, WN, STAGES>;
   auto kernel = w8a8_gemm_kernel<BM, BN, WM, WN, STAGES, OutT>;
-  static bool smem_set[64] = {};
+  static std::atomic<uint64_t> smem_set{0};
   if (const char* err = allow_smem(kernel, C::kSmem, smem_set)) return err;
   const int64_t tiles = int64_t((M + BM - 1) / BM) * ((N + BN - 1) / BN);
   if (tiles > 2147483647LL) return "int8_w8a8_gemm: too many tiles";

@@ -187,7 +187,7 @@ const char* launch(const T* x, int64_t ldx, const T* values, int64_t ldv, const 
                    float* ws, cudaStream_t stream) {
   using C = Tile<BW, BT, WW, WT, STAGES>;
   auto kernel = sparse24_kernel<T, BW, BT, WW, WT, STAGES>;
-  static bool smem_set[64] = {};
+  static std::atomic<uint64_t> smem_set{0};
   if (const char* err = allow_smem(kernel, C::kSmem, smem_set)) return err;
   const int ktiles = K / kBK;
   const int per_split = (ktiles + splits - 1) / splits;
