@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -55,13 +57,25 @@ def run(args: argparse.Namespace) -> int:
         value=ctx.copy_gbps,
         of_ceiling=1.0,
     )
+    env = common.environment(device)
+    failed = []
     for name in names:
-        module = importlib.import_module(f"fastllm.bench.bench_{name}")
         print(f"-- bench_{name}", flush=True)
-        module.run(ctx)
-    paths = common.write_results(ctx.rows, common.environment(device), args.out, plot=args.plot)
+        t0 = time.perf_counter()
+        try:
+            importlib.import_module(f"fastllm.bench.bench_{name}").run(ctx)
+        except Exception:  # report and go on: one broken family must not hide the others
+            traceback.print_exc()
+            failed.append(name)
+            ctx.add(bench=name, case="(failed: see the log)", impl="-")
+        print(f"   bench_{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        # written after every family, so that a run stopped by a time limit keeps its rows
+        common.write_results(ctx.rows, env, args.out)
+    paths = common.write_results(ctx.rows, env, args.out, plot=args.plot)
     print()
     print(common.markdown_table(ctx.rows))
     print()
     print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    if failed:
+        print(f"failed: {failed}")
+    return 1 if failed else 0
