@@ -30,12 +30,13 @@ step() { echo "== [$((SECONDS - t0))s] $*"; }
 limit() { local left=$((BUDGET - (SECONDS - t0))); local n=$(( $1 < left ? $1 : left )); echo $(( n > 5 ? n : 5 )); }
 
 step "build fastllm._C (FASTLLM_CUDA_ARCHS=$FASTLLM_CUDA_ARCHS)"
+b0=$SECONDS
 if ! timeout "$(limit 150)" "$PY" setup.py build_ext --inplace >"$OUTDIR/build.log" 2>&1; then
     tail -40 "$OUTDIR/build.log"
     echo "BUILD FAILED (see build.log)"
     failed+=(build)
 fi
-grep -E "^real|seconds" "$OUTDIR/build.log" | tail -1
+echo "build: $((SECONDS - b0)) s" | tee -a "$OUTDIR/build.log"
 
 step "doctor"
 timeout 60 "$PY" -m fastllm doctor 2>&1 | tee "$OUTDIR/doctor.txt" || failed+=(doctor)
