@@ -8,7 +8,7 @@ Backends are chosen per call (see fastllm.backend); `fastllm doctor` says which
 are available on this machine.
 """
 
-from fastllm import backend, ops
+from fastllm import backend, nn, ops, quant, sparse
 from fastllm.backend import BackendError, last_backend, use_backend
 from fastllm.optimize import LinearConfig, optimize, report
 from fastllm.serialize import load, save
@@ -22,9 +22,12 @@ __all__ = [
     "backend",
     "last_backend",
     "load",
+    "nn",
     "ops",
     "optimize",
+    "quant",
     "report",
     "save",
+    "sparse",
     "use_backend",
 ]
