@@ -15,7 +15,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 install: $(PY)
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" pybind11 "setuptools>=64"
 	$(PY) -m pip install -q -e ".[test]"
 
 # rebuild fastllm._C in place, showing every compiler command (pip install hides them)

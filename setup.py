@@ -24,6 +24,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -74,15 +75,14 @@ class BuildNative(build_ext):
     """Compiles fastllm._C by calling the compilers directly (in parallel)."""
 
     def build_extension(self, ext: Extension) -> None:
+        # CompileError on an optional extension: setuptools warns and goes on without it
         try:
             import pybind11
         except ImportError:
-            self.warn("pybind11 is not installed: skipping fastllm._C")
-            return
+            raise CompileError("pybind11 is not installed: skipping fastllm._C") from None
         cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         if cxx is None:
-            self.warn("no C++ compiler found: skipping fastllm._C")
-            return
+            raise CompileError("no C++ compiler found: skipping fastllm._C")
         nvcc = find_nvcc()
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         tmp = Path(self.build_temp).resolve() / "fastllm_C"
@@ -152,6 +152,8 @@ class BuildNative(build_ext):
 setup(
     # fastllm/triton_kernels and fastllm/bench are links to the top-level folders.
     packages=find_packages(include=["fastllm", "fastllm.*"]),
-    ext_modules=[Extension("fastllm._C", sources=[])],
+    # optional: skipped (with a warning) without pybind11 or a C++ compiler; a failing
+    # compile is still an error
+    ext_modules=[Extension("fastllm._C", sources=[], optional=True)],
     cmdclass={"build_ext": BuildNative},
 )
