@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# CPU build of PyTorch; on a CUDA machine install torch first and use `make install-gpu`.
+# CPU build of PyTorch (override: make TORCH="torch==X.Y.Z"); on a CUDA machine see the README.
 TORCH  ?= torch==2.13.0
 
 .PHONY: all install build run test lint format bench gpu-check clean
@@ -14,9 +14,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-install: $(PY)
+# reinstalled (and fastllm._C rebuilt) only when the build inputs change
+STAMP := $(VENV)/.fastllm-installed
+$(STAMP): $(PY) pyproject.toml setup.py $(shell find csrc -type f)
 	$(PY) -m pip install -q "$(TORCH)" pybind11 "setuptools>=64"
 	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(STAMP)
 
 # rebuild fastllm._C in place, showing every compiler command (pip install hides them)
 build: install
