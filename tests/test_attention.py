@@ -247,6 +247,31 @@ def test_varlen(name, causal, monkeypatch):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (False, (3, 2))])
+def test_varlen_without_lse(name, causal, window, monkeypatch):
+    # without return_lse the torch backend runs all sequences in one padded SDPA call
+    for lq, lk in VARLEN_CASES + [([2, 0, 9], [2, 4, 11])]:
+        dtype = torch.float16
+        cu_q = torch.tensor([0] + lq, device=DEVICE).cumsum(0).int()
+        cu_k = torch.tensor([0] + lk, device=DEVICE).cumsum(0).int()
+        q = _rand(sum(lq), 4, 16, dtype=dtype)
+        k, v = _rand(sum(lk), 2, 16, dtype=dtype), _rand(sum(lk), 2, 16, dtype=dtype)
+        kwargs = dict(causal=causal, window=window, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        poison_empty(monkeypatch)
+        out = _run(
+            name, fastllm.ops.attention, q, k, v, max_seqlen_q=max(lq), max_seqlen_k=max(lk),
+            **kwargs,
+        )  # fmt: skip
+        monkeypatch.undo()
+        left, right = window or (-1, -1)
+        ref = _ref(
+            q, k, v, causal=causal, window_left=left, window_right=right, cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+        )[0]  # fmt: skip
+        _check(out, ref, dtype, f"{lq} {lk}")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_empty(name):
     dtype = torch.float16
     q = _rand(0, 5, 2, 16, dtype=dtype)
