@@ -44,15 +44,15 @@ timeout 60 "$PY" -m fastllm doctor 2>&1 | tee "$OUTDIR/doctor.txt" || failed+=(d
 pytest_timeout=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo --timeout=90)
 step "gpu tests (pytest -m gpu)"
 timeout "$(limit 170)" "$PY" -m pytest -q -m gpu $pytest_timeout -p no:cacheprovider \
-    --junitxml="$OUTDIR/junit.xml" >"$OUTDIR/tests.log" 2>&1 || failed+=(gpu-tests)
+    --junitxml="$OUTDIR/junit.xml" >"$OUTDIR/tests.log" 2>&1 || { [ $? -eq 124 ] && echo "(time limit)"; failed+=(gpu-tests); }
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -40
 tail -1 "$OUTDIR/tests.log"
 
 step "other tests, on the GPU"
 timeout "$(limit 80)" "$PY" -m pytest -q -m "not gpu" $pytest_timeout -p no:cacheprovider \
-    >>"$OUTDIR/tests.log" 2>&1 || failed+=(other-tests)
+    >>"$OUTDIR/tests.log" 2>&1 || { [ $? -eq 124 ] && echo "(time limit)" | tee -a "$OUTDIR/tests.log"; failed+=(other-tests); }
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | tail -n +41 | head -20
-tail -1 "$OUTDIR/tests.log"
+tail -1 "$OUTDIR/tests.log"; echo
 
 step "compute-sanitizer memcheck"
 if command -v compute-sanitizer >/dev/null; then
