@@ -91,7 +91,7 @@ def int8_matmul_int32(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tenso
 
 
 def _epilogue(acc, x_scale, w_scale, bias, out_dtype):
-    out = acc.to(torch.float32)
+    out = acc.to(torch.float32)  # the one temporary; the rest in place
     out.mul_(x_scale[:, None]).mul_(w_scale)
     if bias is not None:
         out.add_(bias)
