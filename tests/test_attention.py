@@ -249,7 +249,7 @@ def test_varlen(name, causal, monkeypatch):
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("causal, window", [(False, None), (True, None), (False, (3, 2))])
 def test_varlen_without_lse(name, causal, window, monkeypatch):
-    # without return_lse the torch backend pads sequences of similar lengths into batches
+    # varlen without return_lse: the call a padded Hugging Face batch makes
     lq_many = torch.randint(0, 10, (17,)).tolist()
     lk_many = [n + int(torch.randint(0, 5, ())) for n in lq_many]
     for lq, lk in VARLEN_CASES + [([2, 0, 9], [2, 4, 11]), (lq_many, lk_many)]:
