@@ -9,7 +9,8 @@
 # 3. the `gpu`-marked tests (real sizes, every backend forced in turn, the unverified cuda
 #    backend included), then the rest of the suite on the GPU as time allows
 # 4. compute-sanitizer memcheck over small calls of every CUDA kernel (bench/sanitize.py)
-# 5. the benchmarks at sizes that fill an H200 (rows written after each family)
+# 5. the benchmarks at sizes that fill an H200, kernels first, the model last (rows written
+#    after each family, so a run cut by the time limit keeps what it measured)
 # It writes build.log, doctor.txt, tests.log, junit.xml (the gpu tests), sanitizer.log,
 # bench.log, results.json and results.md into OUTDIR, and prints a short table last.
 # The whole run is held to GPU_CHECK_BUDGET seconds (default 450): each step gets at most
@@ -64,7 +65,7 @@ else
 fi
 
 step "benchmarks"
-timeout "$(limit 170)" "$PY" -m fastllm bench --out "$OUTDIR" >"$OUTDIR/bench.log" 2>&1 || failed+=(bench)
+timeout "$(limit 170)" "$PY" -m fastllm bench quant attention int8 sparse models --out "$OUTDIR" >"$OUTDIR/bench.log" 2>&1 || failed+=(bench)
 grep -E "bench_.*: [0-9.]+ s|differs|failed" "$OUTDIR/bench.log" | tail -20
 
 step "done in $((SECONDS - t0))s; failed steps: ${failed[*]:-none}"
