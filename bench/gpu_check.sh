@@ -43,14 +43,16 @@ step "doctor"
 timeout 60 "$PY" -m fastllm doctor 2>&1 | tee "$OUTDIR/doctor.txt" || failed+=(doctor)
 
 pytest_timeout=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo --timeout=90)
+# Triton compiles on the CPU: with pytest-xdist, 8 test processes share the GPU
+xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 step "gpu tests (pytest -m gpu)"
-timeout "$(limit 170)" "$PY" -m pytest -q -m gpu $pytest_timeout -p no:cacheprovider \
+timeout "$(limit 170)" "$PY" -m pytest -q -m gpu $pytest_timeout $xdist -p no:cacheprovider \
     --junitxml="$OUTDIR/junit.xml" >"$OUTDIR/tests.log" 2>&1 || { [ $? -eq 124 ] && echo "(time limit)"; failed+=(gpu-tests); }
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -40
 tail -1 "$OUTDIR/tests.log"
 
 step "other tests, on the GPU"
-timeout "$(limit 80)" "$PY" -m pytest -q -m "not gpu" $pytest_timeout -p no:cacheprovider \
+timeout "$(limit 80)" "$PY" -m pytest -q -m "not gpu" $pytest_timeout $xdist -p no:cacheprovider \
     >>"$OUTDIR/tests.log" 2>&1 || { [ $? -eq 124 ] && echo "(time limit)" | tee -a "$OUTDIR/tests.log"; failed+=(other-tests); }
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | tail -n +41 | head -20
 tail -1 "$OUTDIR/tests.log"; echo
