@@ -206,8 +206,8 @@ def attention_mask(
 
     if mask_function is None:
         mask_function = mu.causal_mask_function
-    kind = _mask_kind(mask_function, local_size, use_vmap)
-    if kind is None:
+
+    def sdpa_mask():  # what transformers' SDPA path would get: served there, per call
         return mu.sdpa_mask(
             batch_size=batch_size,
             q_length=q_length,
@@ -221,6 +221,10 @@ def attention_mask(
             use_vmap=use_vmap,
             device=device,
         )
+
+    kind = _mask_kind(mask_function, local_size, use_vmap)
+    if kind is None:
+        return sdpa_mask()
     causal, window_left = kind
     if attention_mask is None:
         return None
@@ -232,18 +236,7 @@ def attention_mask(
     q_lens, k_lens, start, end = segment_lengths(padding, q_length, q_start, causal)
     if not _compiling() and not bool((padding.sum(dim=1) == end - start).all()):
         # holes inside a sequence: segments cannot express it
-        return mu.sdpa_mask(
-            batch_size=batch_size,
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=q_offset,
-            kv_offset=kv_offset,
-            mask_function=mask_function,
-            attention_mask=attention_mask,
-            local_size=local_size,
-            allow_is_causal_skip=False,
-            device=device,
-        )
+        return sdpa_mask()
     return SegmentMask(_cu(q_lens), _cu(k_lens), q_length, kv_length, causal, window_left)
 
 
