@@ -185,7 +185,29 @@ def _attention_torch(
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     bq, bk = cu_q.tolist(), cu_k.tolist()
+    # no lse, softcap or window (causal arrives as window_right == 0)
+    plain = (
+        not return_lse
+        and softcap == 0
+        and window_left < 0
+        and (window_right < 0 or (causal and window_right == 0))
+    )
     for b in range(len(bq) - 1):
+        lq, lk = bq[b + 1] - bq[b], bk[b + 1] - bk[b]
+        if lq == 0:
+            continue
+        if plain and lk > 0 and (not causal or lq == lk):
+            # the common case (a padded batch's sequences) straight to SDPA: the call
+            # overhead per sequence is what this loop costs on the CPU
+            o = _sdpa(
+                q[None, bq[b] : bq[b + 1]],
+                k[None, bk[b] : bk[b + 1]],
+                v[None, bk[b] : bk[b + 1]],
+                is_causal=causal,
+                scale=scale,
+            )
+            out[bq[b] : bq[b + 1]] = o[0]
+            continue
         o, lse_b = _dense_torch(
             q[None, bq[b] : bq[b + 1]],
             k[None, bk[b] : bk[b + 1]],
