@@ -36,6 +36,14 @@ import torch
 from torch import nn
 
 from fastllm import backend as _backend
+from fastllm import quant as _quant
+from fastllm import sparse as _sparse
+from fastllm.nn import (
+    BlockSparseLinear,
+    FusedMultiheadAttention,
+    Int8Linear,
+    Sparse24Linear,
+)
 
 LINEAR_KINDS = ("w8a8", "w8a16", "2:4", "block", "2:4+w8a8")
 METHODS = ("magnitude", "wanda")
@@ -200,21 +208,6 @@ def _hf_backends(model: nn.Module) -> str | None:
     return ", ".join(served) if served else None
 
 
-# --- module families (imported when needed; a family not built yet says so) ----------------
-
-
-def _family(attr: str, where: str, option: str):
-    import importlib
-
-    module = importlib.import_module(where)
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise NotImplementedError(
-            f"{option} needs {where}.{attr}, which is not available in this version of fastllm yet"
-        )
-    return obj
-
-
 def _is_fastllm_module(m: nn.Module) -> bool:
     """A fastllm.nn layer (what optimize swaps in)."""
     return type(m).__module__.startswith("fastllm.nn")
@@ -244,13 +237,6 @@ def _name_matches(name: str, patterns: Iterable[str]) -> bool:
 # --- optimize ------------------------------------------------------------------------------
 
 _OPTIONS = ("attention", "linear", "calibration", "filter_fn", "backend")
-_MODULE_OF = {
-    "w8a8": "Int8Linear",
-    "w8a16": "Int8Linear",
-    "2:4": "Sparse24Linear",
-    "block": "BlockSparseLinear",
-    "2:4+w8a8": "Sparse24Linear",
-}
 
 
 def _make_linear_config(linear, options: dict) -> LinearConfig | None:
@@ -302,8 +288,7 @@ def optimize(
             every forward pass of `model` (as `fastllm.use_backend` does); None: per-call choice.
         **options: LinearConfig fields (smoothquant, alpha, method, density, block_size, skip).
 
-    Raises ValueError for unknown options or values (listing the valid ones), and
-    NotImplementedError for a linear kind whose fastllm module is not available.
+    Raises ValueError for unknown options or values (listing the valid ones).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -333,8 +318,6 @@ def optimize(
         rep.notes.append(f"optimize called again with {opts}")
         rep.options = {**rep.options, **{k: v for k, v in opts.items() if v}}
 
-    if cfg is not None:  # fail before any swap when the family is missing
-        _family(_MODULE_OF[cfg.kind], "fastllm.nn", f"linear={cfg.kind!r}")
     was_training = model.training
     model.eval()
     try:
@@ -399,14 +382,7 @@ def _swap_mha(parent: nn.Module, prefix: str, filter_fn, rep: Report) -> None:
                 )  # fmt: skip
                 continue
             try:
-                fused = _family("FusedMultiheadAttention", "fastllm.nn", "attention=True")
-            except NotImplementedError as e:
-                rep.layers.append(
-                    LayerEntry(full, "attention", "skipped", "MultiheadAttention", None, str(e))
-                )
-                continue
-            try:
-                new = fused.from_module(child)
+                new = FusedMultiheadAttention.from_module(child)
             except ValueError as e:
                 rep.layers.append(
                     LayerEntry(full, "attention", "skipped", "MultiheadAttention", None,
@@ -571,11 +547,10 @@ def _calibrate(model, cfg: LinearConfig, batches, rep: Report, names: set[str]):
     method = cfg.method or ("wanda" if batches is not None else "magnitude")
     what = []
     if use_smooth:
-        quant = _family_module("fastllm.quant", "smoothquant (w8a8 with calibration)")
-        stats = quant.calibrate(model, batches, filter_fn=lambda n, m: n in names)
+        stats = _quant.calibrate(model, batches, filter_fn=lambda n, m: n in names)
         # Sparse24Linear has no run-time scale: only folded smoothing applies to it
         unfoldable = "skip" if cfg.kind == "2:4+w8a8" else cfg.unfoldable
-        smooth_scales = quant.smooth(model, stats, alpha=cfg.alpha, unfoldable=unfoldable)
+        smooth_scales = _quant.smooth(model, stats, alpha=cfg.alpha, unfoldable=unfoldable)
         what.append(
             f"SmoothQuant alpha={cfg.alpha} from {len(batches)} batches: "
             f"{len(smooth_scales.folded)} layers folded into a norm, "
@@ -591,8 +566,7 @@ def _calibrate(model, cfg: LinearConfig, batches, rep: Report, names: set[str]):
         if method == "wanda":
             if batches is None:
                 raise ValueError("method='wanda' needs calibration batches (calibration=...)")
-            sp = _family_module("fastllm.sparse", f"linear={cfg.kind!r}")
-            act_norms = sp.calibrate(model, batches, filter_fn=lambda n, m: n in names)
+            act_norms = _sparse.calibrate(model, batches, filter_fn=lambda n, m: n in names)
             what.append(f"Wanda activation norms from {len(batches)} batches")
         else:
             what.append(
@@ -604,41 +578,24 @@ def _calibrate(model, cfg: LinearConfig, batches, rep: Report, names: set[str]):
     return smooth_scales, act_norms, method
 
 
-def _family_module(where: str, option: str):
-    import importlib
-
-    try:
-        return importlib.import_module(where)
-    except ModuleNotFoundError as e:
-        if e.name == where:
-            raise NotImplementedError(
-                f"{option} needs {where}, which is not available in this version of fastllm yet"
-            ) from None
-        raise
-
-
 def _build_linear(kind, lin: nn.Linear, name, cfg, smooth_scales, act_norms, method):
     act_norm = act_norms.get(name) if act_norms is not None and method == "wanda" else None
     if act_norm is not None and not isinstance(act_norm, torch.Tensor):
         act_norm = act_norm.norm  # fastllm.calibration.InputStats
     if kind in ("w8a8", "w8a16"):
-        cls = _family("Int8Linear", "fastllm.nn", f"linear={kind!r}")
         scale = None
         if smooth_scales is not None:
             scale = smooth_scales.get(name)
-        return cls.from_linear(lin, mode=kind, smooth_scale=scale)
+        return Int8Linear.from_linear(lin, mode=kind, smooth_scale=scale)
     m = method if act_norm is not None else "magnitude"
     if kind == "2:4":
-        cls = _family("Sparse24Linear", "fastllm.nn", "linear='2:4'")
-        return cls.from_linear(lin, method=m, act_norm=act_norm)
+        return Sparse24Linear.from_linear(lin, method=m, act_norm=act_norm)
     if kind == "block":
-        cls = _family("BlockSparseLinear", "fastllm.nn", "linear='block'")
-        return cls.from_linear(
+        return BlockSparseLinear.from_linear(
             lin, block_size=cfg.block_size, density=cfg.density, method=m, act_norm=act_norm
         )
     # "2:4+w8a8"
-    cls = _family("Sparse24Linear", "fastllm.nn", "linear='2:4+w8a8'")
-    return cls.from_linear(lin, method=m, act_norm=act_norm, int8=True)
+    return Sparse24Linear.from_linear(lin, method=m, act_norm=act_norm, int8=True)
 
 
 def _swap_linears(model, cfg: LinearConfig, batches, filter_fn, rep: Report) -> None:
