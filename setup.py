@@ -9,6 +9,9 @@ therefore works with every PyTorch version.
   linked statically.
 - no nvcc, or FASTLLM_NO_CUDA=1: _C is built from the C++ sources alone and says
   so (fastllm doctor); the triton and torch backends still work.
+- always: the C++ CPU kernels (csrc/<family>/*_cpu.cpp, the "cpu" backend), split over
+  OpenMP threads when the compiler has OpenMP, and compiled per ISA (AVX-512, AVX2,
+  baseline x86-64) with GCC on x86-64 Linux.
 - no C++ compiler at all: _C is skipped with a warning; fastllm still imports.
 
 A failing CUDA compile is an error, never a silent fallback.
@@ -66,6 +69,29 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def openmp_flag(cxx: str, tmp: Path) -> str | None:
+    """-fopenmp if `cxx` compiles and links an OpenMP program, else None (the C++ CPU
+    kernels then run on one thread)."""
+    src = tmp / "openmp_probe.cpp"
+    src.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+    probe = subprocess.run(
+        [cxx, "-fopenmp", str(src), "-o", str(tmp / "openmp_probe")], capture_output=True
+    )
+    return "-fopenmp" if probe.returncode == 0 else None
+
+
+def cpu_clones_ok(cxx: str, tmp: Path) -> bool:
+    """Whether `cxx` builds per-ISA clones (csrc/cpu_utils.h: GCC >= 11 on x86-64 Linux);
+    without them the CPU kernels are compiled once, for the baseline ISA."""
+    src = tmp / "clones_probe.cpp"
+    src.write_text(
+        '__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))\n'
+        "int f(int x) { return x + 1; }\nint main() { return f(-1); }\n"
+    )
+    probe = subprocess.run([cxx, str(src), "-o", str(tmp / "clones_probe")], capture_output=True)
+    return probe.returncode == 0
+
+
 def run(cmd: list[str]) -> None:
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -98,6 +124,18 @@ class BuildNative(build_ext):
         archs = cuda_archs() if nvcc else []
         defines.append(f'-DFASTLLM_CUDA_ARCHS="{";".join(archs)}"')
 
+        # the C++ CPU kernels split rows over OpenMP threads: PyTorch's own runtime, which
+        # is loaded first under the same soname (libgomp.so.1)
+        openmp = openmp_flag(cxx, tmp)
+        if openmp is None:
+            print("warning: no OpenMP in the C++ compiler: fastllm's CPU kernels run on one thread")
+        omp = [openmp] if openmp else []
+        if sys.platform.startswith("linux") and not cpu_clones_ok(cxx, tmp):
+            print(
+                "warning: the C++ compiler builds no per-ISA clones: CPU kernels for baseline x86-64"
+            )
+            defines.append("-DFASTLLM_CPU_NO_CLONES")
+
         jobs = []
         for src in sorted(CSRC.rglob("*.cpp")):
             obj = tmp / (src.relative_to(CSRC).as_posix().replace("/", "_") + ".o")
@@ -108,6 +146,12 @@ class BuildNative(build_ext):
                     "-std=c++17",
                     "-fPIC",
                     "-fvisibility=hidden",
+                    # no fused multiply-add contraction: every ISA clone of a CPU kernel
+                    # rounds like the scalar code (and like PyTorch's elementwise ops);
+                    # floating-point compares may become vector selects (no trap handlers)
+                    "-ffp-contract=off",
+                    "-fno-trapping-math",
+                    *omp,
                     *includes,
                     *defines,
                     "-c",
@@ -141,9 +185,10 @@ class BuildNative(build_ext):
 
         objs = [job[-1] for job in jobs]
         if nvcc:
-            link = [nvcc, "-shared", "-cudart=static", "-Xcompiler", "-fPIC", *objs, "-o", str(out)]
+            host = ",".join(["-fPIC", *omp])
+            link = [nvcc, "-shared", "-cudart=static", "-Xcompiler", host, *objs, "-o", str(out)]
         else:
-            link = [cxx, "-shared", *objs, "-o", str(out)]
+            link = [cxx, "-shared", *omp, *objs, "-o", str(out)]
         if sys.platform == "darwin":
             link += ["-undefined", "dynamic_lookup"]
         run(link)

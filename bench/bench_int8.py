@@ -10,11 +10,15 @@ GPU:
   GB/s of the minimum traffic (int8 weight + activations + output once), as a fraction of
   the measured copy bandwidth.
 CPU:
-  Int8Linear (w8a8 and w8a16, torch backend, the whole forward: quantization, int8
-  matmul, epilogue) against float32 nn.Linear and against torch._int_mm alone.
+  Int8Linear (the whole forward: quantization, int8 matmul, epilogue) in w8a8 on the cpu
+  backend (C++ quantization and epilogue around torch._int_mm) and on the torch backend
+  (eager PyTorch around it), and in w8a16, against float32 nn.Linear and against
+  torch._int_mm alone.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -154,11 +158,20 @@ def _cpu(ctx: Context) -> None:
         x_int8, _ = reference.quantize_per_token(x)
         with torch.no_grad():
             ref = lin(x)
-        impls = {
-            "fp32 nn.Linear": lambda x=x: lin(x),
-            "Int8Linear w8a8": lambda x=x: q8(x),
-            "torch._int_mm alone": lambda x_int8=x_int8: torch._int_mm(x_int8, wt),
-        }
+
+        def forced(module, name, x=x):
+            with backend.use_backend(name):
+                return module(x)
+
+        impls = {"fp32 nn.Linear": lambda x=x: lin(x)}
+        # w8a8 on each CPU backend: the C++ quantization and epilogue, and eager PyTorch
+        for name in ("cpu", "torch"):
+            if backend.why_not(
+                "int8_dynamic_linear", name, x.device, x, q8.weight, q8.weight_scale
+            ):
+                continue
+            impls[f"Int8Linear w8a8 [{name}]"] = functools.partial(forced, q8, name)
+        impls["torch._int_mm alone"] = lambda x_int8=x_int8: torch._int_mm(x_int8, wt)
         if M == 1:
             impls["Int8Linear w8a16"] = lambda x=x: q16(x)
         base_ms = None

@@ -46,6 +46,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.def("cuda_archs", &cuda_archs, "CUDA architectures the kernels were compiled for");
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;  // the C++ CPU kernels split rows over OpenMP threads
+#else
+  m.attr("with_openmp") = false;
+#endif
 
   fastllm::bind_quant(m);
   fastllm::bind_attention(m);

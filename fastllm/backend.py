@@ -1,16 +1,22 @@
 """Which backend serves each call.
 
-Backends, in the order they are tried:
+Backends:
 
     cuda       hand-written CUDA kernels in fastllm._C          CUDA tensors
     triton     Triton kernels in fastllm.triton_kernels          CUDA tensors (CPU under TRITON_INTERPRET=1, forced only)
+    cpu        hand-written C++ CPU kernels in fastllm._C       CPU tensors
     torch      the fastest PyTorch-native path                   any device
     reference  the oracle in fastllm.reference                   any device, never chosen automatically
 
+`cuda → triton → torch` for CUDA tensors, `cpu → torch` for CPU tensors.
+
 Each op registers one implementation per backend with a `supports(*args, **kwargs)`
 check that returns None when it can serve the inputs, or a reason string when it
-cannot. Per call, the first backend in the order above that is available here and
-supports the inputs wins; an unsupported call falls back for that call only.
+cannot, and optionally a `prefer(*args, **kwargs)` check that returns a reason when it
+can but is known (measured) to be slower than the backends after it for such inputs.
+Per call, the first backend in that order that is available here, supports the
+inputs and is not set aside by `prefer` wins; an unsupported call falls back for that
+call only. A forced backend ignores `prefer`.
 
 Backends listed in `UNVERIFIED` take part only when forced.
 
@@ -33,9 +39,9 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("cuda", "triton", "torch", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
 _GPU_ORDER = ("cuda", "triton", "torch")
-_CPU_ORDER = ("torch",)
+_CPU_ORDER = ("cpu", "torch")
 
 # Backends whose kernels compile but have not yet passed bench/gpu_check.sh on a GPU.
 # Automatic dispatch skips them (forcing one still runs it, which is how the GPU tests
@@ -51,6 +57,7 @@ class BackendError(RuntimeError):
 class Impl:
     fn: Callable
     supports: Callable[..., str | None]
+    prefer: Callable[..., str | None]
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
@@ -67,13 +74,20 @@ def _always(*args, **kwargs) -> str | None:
     return None
 
 
-def register(op: str, backend: str, *, supports: Callable[..., str | None] = _always):
-    """Decorator: `fn` implements `op` on `backend` for the inputs `supports` accepts."""
+def register(
+    op: str,
+    backend: str,
+    *,
+    supports: Callable[..., str | None] = _always,
+    prefer: Callable[..., str | None] = _always,
+):
+    """Decorator: `fn` implements `op` on `backend` for the inputs `supports` accepts;
+    the automatic choice also skips it where `prefer` gives a reason."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = Impl(fn, supports)
+        _REGISTRY.setdefault(op, {})[backend] = Impl(fn, supports, prefer)
         return fn
 
     return wrap
@@ -109,6 +123,12 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("torch", "reference"):
         return None
+    if backend == "cpu":
+        from fastllm.native import cpu as native_cpu
+
+        if device is not None and device.type != "cpu":
+            return f"the cpu backend takes CPU tensors, got {device.type} tensors"
+        return native_cpu.device_reason()
     if backend == "cuda":
         from fastllm import native
 
@@ -198,6 +218,8 @@ def select(op: str, device: torch.device, *args, **kwargs) -> str:
                 reasons[name] = f"{UNVERIFIED[name]} (force it with FASTLLM_BACKEND={name})"
                 continue
             reasons[name] = why_not(op, name, device, *args, **kwargs)
+            if reasons[name] is None:
+                reasons[name] = _REGISTRY[op][name].prefer(*args, **kwargs)
             if reasons[name] is None:
                 chosen = name
                 break

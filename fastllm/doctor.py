@@ -49,6 +49,16 @@ def report() -> list[str]:
             f"CUDA runtime {_cuda_version(C.cuda_runtime_version())} (static), "
             f"driver {_cuda_version(C.cuda_driver_version())}, {C.cuda_device_count()} device(s)"
         )
+    cpu_reason = backend.unavailable_reason("cpu", torch.device("cpu"))
+    if cpu_reason is None:
+        threads = (
+            f"OpenMP, {torch.get_num_threads()} thread(s) (torch.get_num_threads())"
+            if getattr(native.module(), "with_openmp", False)
+            else "one thread (fastllm._C was built without OpenMP)"
+        )
+        lines.append(f"cpu kernels  C++ in fastllm._C, {threads}")
+    else:
+        lines.append(f"cpu kernels  not available: {cpu_reason}")
     forced = backend.forced_backend()
     lines.append(
         f"forced       {forced or 'no (FASTLLM_BACKEND unset): first backend that supports a call'}"

@@ -45,6 +45,12 @@ def available_backends(op: str, device: torch.device = DEVICE) -> list[str]:
     return [b for b in backend.backends_of(op) if backend.unavailable_reason(b, device) is None]
 
 
+def cpu_default(op: str) -> str:
+    """The backend that serves `op` on CPU tensors when none is forced: the C++ kernels of
+    fastllm._C where they exist and are built, else PyTorch."""
+    return "cpu" if "cpu" in available_backends(op, torch.device("cpu")) else "torch"
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64; inf when out holds a NaN."""
     out, ref = out.double(), ref.double()

@@ -288,15 +288,35 @@ def test_empty(name):
 
 
 def test_default_backend_and_fallback():
-    q = torch.randn(1, 4, 2, 20)  # fp32, head_dim 20: no kernel takes it
+    q = torch.randn(1, 4, 2, 20)  # fp32, head_dim 20: no GPU kernel takes it
     fastllm.ops.attention(q, q, q)
-    assert fastllm.last_backend("attention") == "torch"  # no kernel takes fp32 or head_dim 20
+    assert fastllm.last_backend("attention") == "torch"  # a dense batch: SDPA in one call
     if "triton" in BACKENDS:
         with pytest.raises(BackendError, match="head_dim 20"):
             _run("triton", fastllm.ops.attention, q.half(), q.half(), q.half())
         assert (
             backend.why_not("attention", "triton", DEVICE, q.half(), q.half(), q.half()) is not None
         )
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="fastllm._C (C++ CPU kernels) is not built")
+def test_cpu_kernel_is_chosen_for_short_varlen_sequences():
+    # a padded batch of short sequences: the C++ kernel (one call for the batch); long
+    # sequences and dense batches: PyTorch's SDPA, unless the kernel is forced
+    def varlen(length, heads=12, head_dim=32):
+        cu = torch.tensor([0, length, 2 * length], dtype=torch.int32)
+        x = torch.randn(2 * length, heads, head_dim)
+        kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=length, max_seqlen_k=length)
+        return x, kw
+
+    x, kw = varlen(30)
+    fastllm.ops.attention(x, x, x, **kw)
+    assert fastllm.last_backend("attention") == "cpu"
+    x, kw = varlen(200)
+    fastllm.ops.attention(x, x, x, **kw)
+    assert fastllm.last_backend("attention") == "torch"
+    _run("cpu", fastllm.ops.attention, x, x, x, **kw)  # forced, the kernel serves it
+    _run("cpu", fastllm.ops.attention, x[None], x[None], x[None])
 
 
 # --- decode -------------------------------------------------------------------------------

@@ -10,10 +10,31 @@ from conftest import HAS_GPU
 import fastllm
 from fastllm import backend
 
+# CPU tensors go to the C++ kernels of fastllm._C where it is built, else to PyTorch
+CPU_FIRST = "cpu" if backend.unavailable_reason("cpu", torch.device("cpu")) is None else "torch"
 
-def test_cpu_call_is_served_by_torch():
+
+def test_cpu_call_is_served_by_the_cpu_order():
+    fastllm.ops.quantize_per_token(torch.randn(2, 8))
+    assert fastllm.last_backend("quantize_per_token") == CPU_FIRST
+
+
+def test_cpu_backend_falls_back_to_torch_without_native_module(monkeypatch):
+    real = backend.unavailable_reason
+
+    def no_native(name, device=None):
+        return "fastllm._C is not available (test)" if name == "cpu" else real(name, device)
+
+    monkeypatch.setattr(backend, "unavailable_reason", no_native)
     fastllm.ops.quantize_per_token(torch.randn(2, 8))
     assert fastllm.last_backend("quantize_per_token") == "torch"
+    with fastllm.use_backend("cpu"), pytest.raises(backend.BackendError, match="test"):
+        fastllm.ops.quantize_per_token(torch.randn(2, 8))
+
+
+def test_cpu_backend_takes_only_cpu_tensors():
+    reason = backend.unavailable_reason("cpu", torch.device("cuda"))
+    assert reason is not None and "CPU tensors" in reason
 
 
 def test_trace_records_each_call():
@@ -21,7 +42,7 @@ def test_trace_records_each_call():
         fastllm.ops.quantize_per_token(torch.randn(2, 8))
         with fastllm.use_backend("reference"):
             fastllm.ops.quantize_per_token(torch.randn(2, 8))
-    assert calls == [("quantize_per_token", "torch"), ("quantize_per_token", "reference")]
+    assert calls == [("quantize_per_token", CPU_FIRST), ("quantize_per_token", "reference")]
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only error")
@@ -87,7 +108,8 @@ def test_imports_and_runs_without_triton():
         "import torch, fastllm\n"
         "from fastllm import backend, doctor\n"
         "q, s = fastllm.ops.quantize_per_token(torch.randn(3, 5))\n"
-        "assert fastllm.last_backend('quantize_per_token') == 'torch'\n"
+        "cpu_ok = backend.unavailable_reason('cpu', torch.device('cpu')) is None\n"
+        "assert fastllm.last_backend('quantize_per_token') == ('cpu' if cpu_ok else 'torch')\n"
         "assert 'not installed' in backend.unavailable_reason('triton', torch.device('cpu'))\n"
         "print('\\n'.join(doctor.report()))\n"
     )

@@ -1,4 +1,5 @@
-"""The native module: importable, and every CUDA source compiles where nvcc is present."""
+"""The native module: importable, with its CPU kernels, and every CUDA source compiles
+where nvcc is present."""
 
 import shutil
 import subprocess
@@ -17,6 +18,15 @@ def test_native_module_loads():
     if shutil.which("nvcc"):
         assert native.with_cuda(), "nvcc is present but fastllm._C was built without CUDA"
         assert native.cuda_archs() and all(a.startswith("sm_") for a in native.cuda_archs())
+
+
+def test_native_module_has_cpu_kernels():
+    # the C++ CPU kernels are built with every _C; g++ has OpenMP (libgomp)
+    C = native.module()
+    for name in ("quantize_per_token_cpu", "int8_epilogue_cpu", "attention_prefill_cpu"):
+        assert hasattr(C, name), name
+    if shutil.which("g++"):
+        assert C.with_openmp, "fastllm._C was built without OpenMP: CPU kernels on one thread"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import cpu_default
 
 from fastllm import cli
 
@@ -30,7 +31,7 @@ def test_json_save_and_plot(tmp_path, capsys):
     assert rows["attention"]["cos_mean"] > 0.9999
     assert 0.99 < rows["w8a16"]["cos_mean"] <= 1.0 + 1e-6
     assert rows["w8a16"]["ms"] > 0 and rows["w8a16"]["speedup"] > 0
-    assert "attention:torch" in rows["attention"]["served"]
+    assert f"attention:{cpu_default('attention')}" in rows["attention"]["served"]
     assert "torch" in rows["w8a16"]["served"]
     assert plot.stat().st_size > 1000
     # the saved model loads back into the float model and gives the same embeddings

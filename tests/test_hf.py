@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import cpu_default, rel_err
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
@@ -132,7 +132,7 @@ def test_right_padded_bidirectional_and_4d_mask_fallback():
         out = model(input_ids=ids, attention_mask=mask).last_hidden_state
         assert rel_err(out[mask.bool()], ref[mask.bool()]) < 1e-5
         served = {m.fastllm_backend for _, m in hf.attention_modules(model)}
-        assert served == {"attention:torch"}
+        assert served == {f"attention:{cpu_default('attention')}"}
         # a mask with a hole inside a sequence cannot be segments: transformers' SDPA serves it
         holed = torch.ones_like(ids)
         holed[0, 3] = 0
@@ -202,6 +202,7 @@ def test_hf_report_and_idempotent():
     assert [e.action for e in rep.layers] == ["swapped"]
     with torch.no_grad():
         model(torch.randint(3, 128, (1, 5)))
+    # no padding: a dense batch, which PyTorch's SDPA takes in one call
     assert fastllm.report(model).layers[0].backend == "attention:torch"
 
 

@@ -131,6 +131,78 @@ def test_dynamic_linear_matches_reference(name, M, N, K, monkeypatch):
         assert rel_err(out, ref) <= TOL[dtype], dtype
 
 
+@pytest.mark.parametrize("name, M, N, K", _cases("int8_dynamic_linear"))
+def test_dynamic_linear_smooth_scale_matches_reference(name, M, N, K, monkeypatch):
+    # SmoothQuant's run-time factor: x.float() / smooth_scale is what gets quantized
+    w_int8, w_scale = _weight(N, K)
+    smooth = torch.exp(torch.randn(K, device=DEVICE))  # factors between ~0.05 and ~20
+    poison_empty(monkeypatch)
+    for dtype in DTYPES:
+        x = _activations(M, K, dtype)
+        bias = torch.randn(N, device=DEVICE) if dtype == torch.float32 else None
+        ref = reference.int8_dynamic_linear(x.double(), w_int8, w_scale, bias, smooth.double())
+        out = _run("int8_dynamic_linear", name, x, w_int8, w_scale, bias, smooth_scale=smooth)
+        assert out.shape == (M, N) and out.dtype == dtype
+        assert rel_err(out, ref) <= TOL[dtype], dtype
+        # the same as dividing first and quantizing without a factor
+        plain = _run("int8_dynamic_linear", name, x.float() / smooth, w_int8, w_scale, bias)
+        assert rel_err(out, plain.to(dtype)) <= TOL[dtype], dtype
+
+
+@pytest.mark.skipif(
+    "cpu" not in available_backends("int8_dynamic_linear", torch.device("cpu")),
+    reason="fastllm._C (C++ CPU kernels) is not built",
+)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M, N, K", [(1, 7, 5), (37, 300, 129), (300, 129, 1100)])
+def test_cpu_backend_bit_identical_to_torch(M, N, K, threads):
+    # the C++ quantization and epilogue do the torch backend's float32 operations in
+    # the same order: equal bits, on one thread and split over rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w_int8, w_scale = reference.quantize_per_channel(torch.randn(N, K) * 0.05)
+        smooth = torch.exp(torch.randn(K))
+        for dtype in DTYPES:
+            x = (torch.randn(M, K) * 3).to(dtype)
+            for bias in (None, torch.randn(N).to(dtype)):
+                for s in (None, smooth):
+                    outs = [
+                        _run("int8_dynamic_linear", n, x, w_int8, w_scale, bias, smooth_scale=s)
+                        for n in ("cpu", "torch")
+                    ]
+                    assert torch.equal(outs[0], outs[1]), (dtype, bias is None, s is None)
+            q = [_run("quantize_per_token", n, x) for n in ("cpu", "torch")]
+            assert torch.equal(q[0][0], q[1][0]) and torch.equal(q[0][1], q[1][1])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(
+    "cpu" not in available_backends("int8_linear", torch.device("cpu")),
+    reason="fastllm._C (C++ CPU kernels) is not built",
+)
+def test_cpu_epilogue_rounds_like_torch_at_the_edges():
+    # float16 overflow to inf, float16/bfloat16 subnormals, exact zeros and ties: the
+    # C++ conversions must give PyTorch's bits
+    M, N, K = 64, 96, 32
+    x_int8 = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+    w_int8 = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    x_scale = torch.exp2(torch.empty(M).uniform_(-40, 12))
+    w_scale = torch.exp2(torch.empty(N).uniform_(-12, 4))
+    x_int8[:, :4] = 0
+    for bias in (None, torch.tensor([float("inf"), -float("inf")] + [0.5] * (N - 2))):
+        for dtype in DTYPES:
+            outs = [
+                _run("int8_linear", n, x_int8, x_scale, w_int8, w_scale, bias, out_dtype=dtype)
+                for n in ("cpu", "torch")
+            ]
+            assert torch.equal(outs[0], outs[1]), dtype
+            if dtype == torch.float16 and bias is None:
+                assert torch.isinf(outs[0]).any()  # the cases are really exercised
+                assert ((outs[0] != 0) & (outs[0].abs() < 2**-14)).any()
+
+
 @pytest.mark.parametrize("name, M, N, K", _cases("int8_weight_only_linear"))
 def test_weight_only_matches_reference(name, M, N, K, monkeypatch):
     w_int8, w_scale = _weight(N, K)
@@ -342,6 +414,8 @@ def _bad_cases():
         (lambda: D(x.double(), wq, ws), TypeError, ["x", "torch.float64"]),
         (lambda: D(x, wq.float(), ws), TypeError, ["w_int8", "torch.float32"]),
         (lambda: D(x[:, :10], wq, ws), ValueError, ["K = 10", "K = 16"]),
+        (lambda: D(x, wq, ws, smooth_scale=torch.ones(15)), ValueError, ["smooth_scale", "(16,)"]),
+        (lambda: D(x, wq, ws, smooth_scale=torch.ones(16).half()), TypeError, ["smooth_scale"]),
         (lambda: W(xq, wq, ws), TypeError, ["x", "torch.int8", "float"]),
         (lambda: W(x, wq.to(torch.uint8), ws), TypeError, ["w_int8", "torch.uint8"]),
         (lambda: W(x, wq, ws, torch.randn(8, 1)), ValueError, ["bias", "(8, 1)"]),
@@ -389,7 +463,9 @@ def test_opcheck(with_bias):
     ops = torch.ops.fastllm
     torch.library.opcheck(ops.int8_linear.default, (xq, xs, wq, ws, b, torch.bfloat16))
     torch.library.opcheck(ops.int8_linear.default, (xq, xs, wq, ws, b, torch.float32))
-    torch.library.opcheck(ops.int8_dynamic_linear.default, (x, wq, ws, b))
+    torch.library.opcheck(ops.int8_dynamic_linear.default, (x, wq, ws, b, None))
+    smooth = torch.rand(x.shape[-1], device=DEVICE) + 0.5
+    torch.library.opcheck(ops.int8_dynamic_linear.default, (x, wq, ws, b, smooth))
     torch.library.opcheck(ops.int8_weight_only_linear.default, (x.bfloat16(), wq, ws, b))
     torch.library.opcheck(ops.quantize_per_channel.default, (x, 1))
 

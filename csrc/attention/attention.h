@@ -34,6 +34,10 @@ struct PrefillArgs {
 };
 const char* attention_prefill(const PrefillArgs& args, int dtype, uintptr_t stream);
 
+// attention_cpu.cpp: the same on host memory (float32/float16/bfloat16, any head_dim, no
+// alignment rule), work split over `threads` OpenMP threads.
+const char* attention_prefill_cpu(const PrefillArgs& args, int dtype, int threads);
+
 // decode.cu: q [B, q_len, Hq, D] against a cache holding cache_seqlens[b] keys (the q_len new
 // tokens included, as its last q_len positions).
 //   contiguous (block_table == 0): k/v_cache [B, capacity, Hkv, D]

@@ -10,13 +10,65 @@ namespace py = pybind11;
 
 namespace fastllm {
 
-#ifdef FASTLLM_WITH_CUDA
 namespace {
 using Strides = std::array<int64_t, 3>;
+
+PrefillArgs prefill_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                         uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, Strides q_strides,
+                         Strides k_strides, Strides v_strides, Strides o_strides,
+                         Strides lse_strides, int batch, int heads_q, int heads_kv, int head_dim,
+                         int seqlen_q, int seqlen_k, float scale, float softcap, int window_left,
+                         int window_right) {
+  PrefillArgs a{};
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.out = out;
+  a.lse = lse;
+  a.cu_seqlens_q = cu_seqlens_q;
+  a.cu_seqlens_k = cu_seqlens_k;
+  a.q_stride_b = q_strides[0], a.q_stride_s = q_strides[1], a.q_stride_h = q_strides[2];
+  a.k_stride_b = k_strides[0], a.k_stride_s = k_strides[1], a.k_stride_h = k_strides[2];
+  a.v_stride_b = v_strides[0], a.v_stride_s = v_strides[1], a.v_stride_h = v_strides[2];
+  a.o_stride_b = o_strides[0], a.o_stride_s = o_strides[1], a.o_stride_h = o_strides[2];
+  a.lse_stride_b = lse_strides[0], a.lse_stride_h = lse_strides[1];
+  a.lse_stride_row = lse_strides[2];
+  a.batch = batch;
+  a.heads_q = heads_q;
+  a.heads_kv = heads_kv;
+  a.head_dim = head_dim;
+  a.seqlen_q = seqlen_q;
+  a.seqlen_k = seqlen_k;
+  a.scale = scale;
+  a.softcap = softcap;
+  a.window_left = window_left;
+  a.window_right = window_right;
+  return a;
+}
 }  // namespace
-#endif
 
 void bind_attention(py::module_& m) {
+  m.def(
+      "attention_prefill_cpu",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+         uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, Strides q_strides, Strides k_strides,
+         Strides v_strides, Strides o_strides, Strides lse_strides, int batch, int heads_q,
+         int heads_kv, int head_dim, int seqlen_q, int seqlen_k, float scale, float softcap,
+         int window_left, int window_right, int dtype, int threads) {
+        const PrefillArgs a = prefill_args(
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_strides, k_strides, v_strides,
+            o_strides, lse_strides, batch, heads_q, heads_kv, head_dim, seqlen_q, seqlen_k, scale,
+            softcap, window_left, window_right);
+        py::gil_scoped_release no_gil;
+        check(attention_prefill_cpu(a, dtype, threads));
+      },
+      "attention on the CPU; see csrc/attention/attention.h", py::arg("q"), py::arg("k"),
+      py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"),
+      py::arg("cu_seqlens_k"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
+      py::arg("o_strides"), py::arg("lse_strides"), py::arg("batch"), py::arg("heads_q"),
+      py::arg("heads_kv"), py::arg("head_dim"), py::arg("seqlen_q"), py::arg("seqlen_k"),
+      py::arg("scale"), py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
+      py::arg("dtype"), py::arg("threads"));
 #ifdef FASTLLM_WITH_CUDA
   m.def(
       "attention_prefill",
@@ -25,30 +77,10 @@ void bind_attention(py::module_& m) {
          Strides v_strides, Strides o_strides, Strides lse_strides, int batch, int heads_q,
          int heads_kv, int head_dim, int seqlen_q, int seqlen_k, float scale, float softcap,
          int window_left, int window_right, int dtype, uintptr_t stream) {
-        PrefillArgs a{};
-        a.q = q;
-        a.k = k;
-        a.v = v;
-        a.out = out;
-        a.lse = lse;
-        a.cu_seqlens_q = cu_seqlens_q;
-        a.cu_seqlens_k = cu_seqlens_k;
-        a.q_stride_b = q_strides[0], a.q_stride_s = q_strides[1], a.q_stride_h = q_strides[2];
-        a.k_stride_b = k_strides[0], a.k_stride_s = k_strides[1], a.k_stride_h = k_strides[2];
-        a.v_stride_b = v_strides[0], a.v_stride_s = v_strides[1], a.v_stride_h = v_strides[2];
-        a.o_stride_b = o_strides[0], a.o_stride_s = o_strides[1], a.o_stride_h = o_strides[2];
-        a.lse_stride_b = lse_strides[0], a.lse_stride_h = lse_strides[1];
-        a.lse_stride_row = lse_strides[2];
-        a.batch = batch;
-        a.heads_q = heads_q;
-        a.heads_kv = heads_kv;
-        a.head_dim = head_dim;
-        a.seqlen_q = seqlen_q;
-        a.seqlen_k = seqlen_k;
-        a.scale = scale;
-        a.softcap = softcap;
-        a.window_left = window_left;
-        a.window_right = window_right;
+        const PrefillArgs a = prefill_args(
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_strides, k_strides, v_strides,
+            o_strides, lse_strides, batch, heads_q, heads_kv, head_dim, seqlen_q, seqlen_k, scale,
+            softcap, window_left, window_right);
         check(attention_prefill(a, dtype, stream));
       },
       "FlashAttention-style prefill; see csrc/attention/attention.h", py::arg("q"), py::arg("k"),
@@ -105,8 +137,6 @@ void bind_attention(py::module_& m) {
       py::arg("block_size"), py::arg("num_blocks"), py::arg("num_splits"), py::arg("scale"),
       py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("dtype"),
       py::arg("stream"));
-#else
-  (void)m;
 #endif
 }
 

@@ -7,6 +7,18 @@ namespace py = pybind11;
 namespace fastllm {
 
 void bind_int8(py::module_& m) {
+  m.def(
+      "int8_epilogue_cpu",
+      [](uintptr_t acc, int64_t ld_acc, uintptr_t x_scale, uintptr_t w_scale, uintptr_t bias,
+         int bias_dtype, uintptr_t out, int out_dtype, int64_t ld_out, int64_t M, int64_t N,
+         int threads) {
+        py::gil_scoped_release no_gil;
+        check(int8_epilogue_cpu(acc, ld_acc, x_scale, w_scale, bias, bias_dtype, out, out_dtype,
+                                ld_out, M, N, threads));
+      },
+      py::arg("acc"), py::arg("ld_acc"), py::arg("x_scale"), py::arg("w_scale"), py::arg("bias"),
+      py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ld_out"), py::arg("M"),
+      py::arg("N"), py::arg("threads"));
 #ifdef FASTLLM_WITH_CUDA
   m.def(
       "int8_w8a8_gemm",
@@ -32,8 +44,6 @@ void bind_int8(py::module_& m) {
       py::arg("w_scale"), py::arg("bias"), py::arg("bias_dtype"), py::arg("out"), py::arg("ldo"),
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("splits"), py::arg("workspace"),
       py::arg("stream"));
-#else
-  (void)m;
 #endif
 }
 

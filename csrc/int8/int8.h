@@ -27,4 +27,12 @@ const char* int8_w8a16_gemm(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, 
                             int64_t ldo, int64_t M, int64_t N, int64_t K, int splits,
                             uintptr_t workspace, uintptr_t stream);
 
+// int8_epilogue_cpu.cpp (host memory, no stream): out[m, n] = cast(float(acc[m, n]) *
+// x_scale[m] * w_scale[n] + bias[n]) for the int32 accumulator acc [M, N] (row stride
+// ld_acc) of torch._int_mm. A float32 out may be acc itself (same row stride). Rows are
+// split over `threads` OpenMP threads.
+const char* int8_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale, uintptr_t w_scale,
+                              uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype,
+                              int64_t ld_out, int64_t M, int64_t N, int threads);
+
 }  // namespace fastllm

@@ -10,4 +10,10 @@ const char* quantize_per_token(uintptr_t x, int x_dtype, int64_t rows, int64_t c
                                int64_t stride_x_row, uintptr_t x_int8, uintptr_t scale,
                                uintptr_t stream);
 
+// quantize_per_token_cpu.cpp: the same on host memory, of x / smooth (float32 [cols])
+// when smooth is not 0; rows split over `threads` OpenMP threads.
+const char* quantize_per_token_cpu(uintptr_t x, int x_dtype, int64_t rows, int64_t cols,
+                                   int64_t stride_x_row, uintptr_t smooth, uintptr_t x_int8,
+                                   uintptr_t scale, int threads);
+
 }  // namespace fastllm

@@ -187,11 +187,13 @@ def supports_decode(
 # --- launchers -----------------------------------------------------------------------------
 
 
-def prefill(
+def prefill_arguments(
     q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
-):
-    """fastllm.ops.attention on the CUDA kernel. q (B, Sq, Hq, D) or packed (Tq, Hq, D) with
-    cu_seqlens; returns out (q's shape, contiguous) and lse float32 (B, Hq, Sq) or (Hq, Tq)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """The output, the lse (or None) and the keyword arguments of the prefill kernels (CUDA
+    and CPU alike; see csrc/attention/attention.h) for one call of fastllm.ops.attention.
+    q (B, Sq, Hq, D) or packed (Tq, Hq, D) with cu_seqlens; out has q's shape (contiguous),
+    lse is float32 (B, Hq, Sq) or (Hq, Tq)."""
     varlen = cu_q is not None
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
@@ -213,36 +215,46 @@ def prefill(
         o_strides = out.stride()[:3]
         lse_strides = (heads_q * seqlen_q, seqlen_q, 1)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if return_lse else None
+    left, right = _window(causal, window_left, window_right)
+    kwargs = dict(
+        q=q.data_ptr(),
+        k=k.data_ptr(),
+        v=v.data_ptr(),
+        out=out.data_ptr(),
+        lse=lse.data_ptr() if lse is not None else 0,
+        cu_seqlens_q=cu_q.data_ptr() if varlen else 0,
+        cu_seqlens_k=cu_k.data_ptr() if varlen else 0,
+        q_strides=q_strides,
+        k_strides=k_strides,
+        v_strides=v_strides,
+        o_strides=o_strides,
+        lse_strides=lse_strides if lse is not None else (0, 0, 0),
+        batch=batch,
+        heads_q=heads_q,
+        heads_kv=heads_kv,
+        head_dim=head_dim,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        scale=float(scale),
+        softcap=float(softcap),
+        window_left=left,
+        window_right=right,
+        dtype=native.dtype_code(q),
+    )
+    return out, lse, kwargs
+
+
+def prefill(
+    q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
+):
+    """fastllm.ops.attention on the CUDA kernel (arguments: `prefill_arguments`)."""
+    out, lse, kwargs = prefill_arguments(
+        q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
+    )
     if q.numel() == 0:
         return out, lse
-    left, right = _window(causal, window_left, window_right)
     with torch.cuda.device(q.device):
-        native.module().attention_prefill(
-            q=q.data_ptr(),
-            k=k.data_ptr(),
-            v=v.data_ptr(),
-            out=out.data_ptr(),
-            lse=lse.data_ptr() if lse is not None else 0,
-            cu_seqlens_q=cu_q.data_ptr() if varlen else 0,
-            cu_seqlens_k=cu_k.data_ptr() if varlen else 0,
-            q_strides=q_strides,
-            k_strides=k_strides,
-            v_strides=v_strides,
-            o_strides=o_strides,
-            lse_strides=lse_strides if lse is not None else (0, 0, 0),
-            batch=batch,
-            heads_q=heads_q,
-            heads_kv=heads_kv,
-            head_dim=head_dim,
-            seqlen_q=seqlen_q,
-            seqlen_k=seqlen_k,
-            scale=float(scale),
-            softcap=float(softcap),
-            window_left=left,
-            window_right=right,
-            dtype=native.dtype_code(q),
-            stream=native.stream_of(q),
-        )
+        native.module().attention_prefill(**kwargs, stream=native.stream_of(q))
     return out, lse
 
 

@@ -305,7 +305,7 @@ def w8a16_linear(x, w_int8, w_scale, bias=None, *, splits: int | None = None) ->
 # --- dynamic W8A8: per-token quantization, then the W8A8 GEMM ------------------------------
 
 
-def supports_dynamic(x, w_int8, w_scale, bias=None) -> str | None:
+def supports_dynamic(x, w_int8, w_scale, bias=None, smooth_scale=None) -> str | None:
     """None when `dynamic_linear` can run these inputs: x [M, K] float32/float16/bfloat16
     with a unit last stride, and the weight as `supports_w8a8` accepts it."""
     reason = device_reason(x, w_int8, w_scale, bias)

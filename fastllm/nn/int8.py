@@ -139,11 +139,14 @@ class Int8Linear(nn.Module):
                 f"Int8Linear(in_features={self.in_features}) got input of shape "
                 f"{tuple(x.shape)}; expected (..., {self.in_features})"
             )
-        if self.smooth_scale is not None:
-            x = x / self.smooth_scale.to(x.dtype)
         if self.mode == "w8a8":
-            y = fops.int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)
+            # the division by smooth_scale happens inside the quantization
+            y = fops.int8_dynamic_linear(
+                x, self.weight, self.weight_scale, self.bias, smooth_scale=self.smooth_scale
+            )
         else:
+            if self.smooth_scale is not None:
+                x = x / self.smooth_scale.to(x.dtype)
             y = fops.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
         if not torch.compiler.is_compiling():
             self.last_backend = backend.last_backend(_OPS[self.mode])

@@ -36,7 +36,9 @@ implementation then receives plain values, positionally, in this order:
 
 A backend registers ``backend.register(op, name, supports=...)`` where `supports`
 takes the same arguments and returns None or the reason it cannot serve the call.
-The `cuda` backend is the launchers of fastllm/native/attention.py, registered below.
+The `cuda` backend is the launchers of fastllm/native/attention.py, registered below;
+the `cpu` backend (attention only) is the C++ kernel csrc/attention/attention_cpu.cpp,
+launched by fastllm/native/cpu.py.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import torch.nn.functional as F
 
 from fastllm import backend, reference
 from fastllm.native import attention as native_attention
+from fastllm.native import cpu as native_cpu
 from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from fastllm.reference.attention import visible
 
@@ -223,6 +226,14 @@ def _attention_torch(
         if return_lse:
             lse[:, bq[b] : bq[b + 1]] = lse_b[0]
     return out, (lse if return_lse else None)
+
+
+backend.register(
+    "attention",
+    "cpu",
+    supports=native_cpu.supports_attention,
+    prefer=native_cpu.prefer_attention,
+)(native_cpu.attention)
 
 
 @backend.register("attention", "triton", supports=_attention_triton_supports)

@@ -17,10 +17,12 @@ functions answer empty inputs and K = 0 themselves).
     out       [M, N]   out_dtype:  (x_int8 @ w_int8.T) * x_scale[:, None] * w_scale[None, :]
                        + bias, with an exact int32 accumulator and the epilogue in float32
 
-``int8_dynamic_linear`` impl(x, w_int8, w_scale, bias) -> out
+``int8_dynamic_linear`` impl(x, w_int8, w_scale, bias, smooth_scale) -> out
     x         [M, K]   float32/float16/bfloat16, contiguous
     w_int8, w_scale, bias as above
-    out       [M, N]   x's dtype: quantize_per_token(x), then int8_linear
+    smooth_scale [K]   float32, contiguous, or None (SmoothQuant's run-time factor)
+    out       [M, N]   x's dtype: quantize_per_token(x) -- of x.float() / smooth_scale when
+                       given -- then int8_linear
 
 ``int8_weight_only_linear`` impl(x, w_int8, w_scale, bias) -> out
     x         [M, K]   float32/float16/bfloat16, contiguous
@@ -30,7 +32,10 @@ functions answer empty inputs and K = 0 themselves).
                        weight byte once and never writes a dequantized weight)
 
 The ``cuda`` backend is the launchers of fastllm/native/int8.py, registered below with
-their ``supports_*`` checks.
+their ``supports_*`` checks. The ``cpu`` backend (fastllm/native/cpu.py) is
+``torch._int_mm`` between two C++ kernels of fastllm._C: per-token quantization in one
+read of x, and the epilogue in one pass written over the int32 accumulator; it gives
+the torch backend's results bit for bit.
 
 ``torch`` backend:
     int8_linear: ``torch._int_mm`` where it accepts the shapes (on the CPU any shape with
@@ -56,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllm import backend, reference
+from fastllm.native import cpu as native_cpu
 from fastllm.native import int8 as native_int8
 from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, rows_view
 from fastllm.ops.quant import _quantize_torch
@@ -118,19 +124,30 @@ def _int8_linear_triton(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
 # --- int8_dynamic_linear backends -----------------------------------------------------
 
 
+def _smoothed_in_two_steps(name, x, w_int8, w_scale, bias, smooth_scale):
+    """int8_dynamic_linear of a backend whose kernels do not fuse the smoothing: the
+    division in float32, then its own quantize_per_token and int8_linear."""
+    quantize = backend.implementation("quantize_per_token", name)
+    linear = backend.implementation("int8_linear", name)
+    x_int8, x_scale = quantize(x.float() / smooth_scale)
+    return linear(x_int8, x_scale, w_int8, w_scale, bias, x.dtype)
+
+
 @backend.register("int8_dynamic_linear", "reference")
-def _dynamic_reference(x, w_int8, w_scale, bias):
-    return reference.int8_dynamic_linear(x, w_int8, w_scale, bias)
+def _dynamic_reference(x, w_int8, w_scale, bias, smooth_scale):
+    return reference.int8_dynamic_linear(x, w_int8, w_scale, bias, smooth_scale)
 
 
 @backend.register("int8_dynamic_linear", "torch")
-def _dynamic_torch(x, w_int8, w_scale, bias):
-    x_int8, x_scale = _quantize_torch(x)
+def _dynamic_torch(x, w_int8, w_scale, bias, smooth_scale):
+    x_int8, x_scale = _quantize_torch(x if smooth_scale is None else x.float() / smooth_scale)
     return _int8_linear_torch(x_int8, x_scale, w_int8, w_scale, bias, x.dtype)
 
 
 @backend.register("int8_dynamic_linear", "triton")
-def _dynamic_triton(x, w_int8, w_scale, bias):
+def _dynamic_triton(x, w_int8, w_scale, bias, smooth_scale):
+    if smooth_scale is not None:
+        return _smoothed_in_two_steps("triton", x, w_int8, w_scale, bias, smooth_scale)
     from fastllm.triton_kernels.int8 import int8_dynamic_linear
 
     return int8_dynamic_linear(x, w_int8, w_scale, bias)
@@ -183,11 +200,25 @@ def _weight_only_triton(x, w_int8, w_scale, bias):
 # --- cuda backends (csrc/int8/, launched by fastllm/native/int8.py) --------------------
 
 backend.register("int8_linear", "cuda", supports=native_int8.supports_w8a8)(native_int8.w8a8_linear)
-backend.register("int8_dynamic_linear", "cuda", supports=native_int8.supports_dynamic)(
-    native_int8.dynamic_linear
-)
+
+
+@backend.register("int8_dynamic_linear", "cuda", supports=native_int8.supports_dynamic)
+def _dynamic_cuda(x, w_int8, w_scale, bias, smooth_scale):
+    if smooth_scale is not None:
+        return _smoothed_in_two_steps("cuda", x, w_int8, w_scale, bias, smooth_scale)
+    return native_int8.dynamic_linear(x, w_int8, w_scale, bias)
+
+
 backend.register("int8_weight_only_linear", "cuda", supports=native_int8.supports_w8a16)(
     native_int8.w8a16_linear
+)
+
+
+# --- cpu backends (C++ quantization and epilogue around torch._int_mm; fastllm/native/cpu.py)
+
+backend.register("int8_linear", "cpu", supports=native_cpu.supports_w8a8)(native_cpu.w8a8_linear)
+backend.register("int8_dynamic_linear", "cpu", supports=native_cpu.supports_dynamic)(
+    native_cpu.dynamic_linear
 )
 
 
@@ -215,14 +246,19 @@ def _(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
 
 @torch.library.custom_op("fastllm::int8_dynamic_linear", mutates_args=())
 def _int8_dynamic_linear_op(
-    x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    smooth_scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    name = backend.select("int8_dynamic_linear", x.device, x, w_int8, w_scale, bias)
-    return backend.implementation("int8_dynamic_linear", name)(x, w_int8, w_scale, bias)
+    args = (x, w_int8, w_scale, bias, smooth_scale)
+    name = backend.select("int8_dynamic_linear", x.device, *args)
+    return backend.implementation("int8_dynamic_linear", name)(*args)
 
 
 @_int8_dynamic_linear_op.register_fake
-def _(x, w_int8, w_scale, bias):
+def _(x, w_int8, w_scale, bias, smooth_scale):
     return x.new_empty((x.shape[0], w_int8.shape[0]))
 
 
@@ -368,28 +404,46 @@ def int8_dynamic_linear(
     w_int8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    smooth_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W8A8 linear with dynamic per-token activation quantization.
 
-        x_int8, x_scale = quantize_per_token(x)
+        x_int8, x_scale = quantize_per_token(x)      # of x.float() / smooth_scale if given
         out = int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=x.dtype)
 
     Args:
         x: (..., K) float32, float16 or bfloat16, any strides.
         w_int8: (N, K) int8; w_scale: (N,) float32; bias: (N,) float or None.
+        smooth_scale: (K,) float32 or None: SmoothQuant's per-input-channel factor s
+            for a layer whose 1/s could not be folded into the layer before (the weight
+            was quantized as W * s). The division happens in float32 inside the
+            quantization (the cpu backend fuses it; the others divide first). Its values
+            are not checked here (that would cost a device sync): they must be finite
+            and > 0, as fastllm.nn.Int8Linear checks once.
 
     Returns:
         (..., N) in x's dtype.
 
-    Raises TypeError/ValueError as int8_linear does (int8 x is a TypeError).
+    Raises TypeError/ValueError as int8_linear does (int8 x is a TypeError), and for a
+    smooth_scale that is not float32 of shape (K,) on x's device.
     """
     _check_float_x(x, "int8_dynamic_linear")
     _check_weight("x", x, w_int8, w_scale, bias)
     N, K = w_int8.shape
+    if smooth_scale is not None:
+        check_tensor("smooth_scale", smooth_scale, dtypes=(torch.float32,))
+        if tuple(smooth_scale.shape) != (K,):
+            raise ValueError(
+                f"smooth_scale has shape {tuple(smooth_scale.shape)}; expected ({K},), one "
+                "factor per input channel (x.shape[-1])"
+            )
+        check_same_device(x=x, smooth_scale=smooth_scale)
     if x.numel() == 0 or N == 0:
         return _empty_or_k0(x, N, bias, x.dtype)
     x2 = rows_view(x).contiguous()
-    out = _int8_dynamic_linear_op(x2, w_int8.contiguous(), w_scale.contiguous(), _contig(bias))
+    out = _int8_dynamic_linear_op(
+        x2, w_int8.contiguous(), w_scale.contiguous(), _contig(bias), _contig(smooth_scale)
+    )
     return out.view(*x.shape[:-1], N)
 
 

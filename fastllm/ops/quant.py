@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastllm import backend, reference
+from fastllm.native import cpu as native_cpu
 from fastllm.ops._checks import FLOAT_DTYPES, check_tensor, rows_view
 
 # --- backends ------------------------------------------------------------------------
@@ -33,6 +34,11 @@ def _quantize_triton(x2):
     from fastllm.triton_kernels.quant import quantize_per_token
 
     return quantize_per_token(x2)
+
+
+@backend.register("quantize_per_token", "cpu", supports=lambda x2: native_cpu.device_reason(x2))
+def _quantize_cpu(x2):
+    return native_cpu.quantize_per_token(x2)
 
 
 @backend.register("quantize_per_token", "cuda")
@@ -111,6 +117,9 @@ def _per_channel_impl(name: str):
 
 for _name in ("reference", "torch", "triton", "cuda"):
     backend.register("quantize_per_channel", _name)(_per_channel_impl(_name))
+backend.register(
+    "quantize_per_channel", "cpu", supports=lambda w, dim: native_cpu.device_reason(w)
+)(_per_channel_impl("cpu"))
 
 
 @torch.library.custom_op("fastllm::quantize_per_channel", mutates_args=())

@@ -41,9 +41,14 @@ def int8_dynamic_linear(
     w_int8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    smooth_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (..., K) float -> (..., N) in x's dtype: per-token quantization of x, then int8_linear."""
-    x_int8, x_scale = quantize_per_token(x)
+    """x (..., K) float -> (..., N) in x's dtype: per-token quantization of x (of
+    x.float() / smooth_scale when given: SmoothQuant's run-time factor), then int8_linear."""
+    xs = x
+    if smooth_scale is not None:  # in float32 (float64 for float64 x)
+        xs = x.to(torch.promote_types(x.dtype, torch.float32)) / smooth_scale
+    x_int8, x_scale = quantize_per_token(xs)
     return int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=x.dtype)
 
 

@@ -1,0 +1,299 @@
+// Attention on the CPU (fastllm.ops.attention, backend "cpu"): the same contract as the
+// CUDA prefill kernel (PrefillArgs in attention/attention.h: padded or varlen, GQA,
+// bottom-right aligned causal and window masks, softcap, log-sum-exp), for
+// float32/float16/bfloat16 tensors in host memory, computed in float32.
+//
+// Built for many short sequences (a padded batch of sentences as varlen segments),
+// where PyTorch pays a call per sequence: here one call covers the batch. Tasks are
+// (sequence, q head, block of BLOCK_Q query rows), spread over PyTorch's OpenMP threads.
+// A task copies its queries, its keys (transposed) and its values to float32 buffers
+// padded to whole register tiles, then
+//
+//   S = Q K^T                                   (register-tiled loop nest)
+//   S = scale * S, -inf outside each row's keys; softcap * tanh(S / softcap) if softcap > 0
+//   P = exp(S - rowmax S),  O = (P V) / rowsum P,  lse = rowmax S + log(rowsum P)
+//
+// A row that sees no key gets out = 0 and lse = -inf. The reference is
+// fastllm/reference/attention.py.
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention/attention.h"
+#include "cpu_utils.h"
+#include "dtype.h"
+
+namespace fastllm {
+namespace {
+
+constexpr int64_t BLOCK_Q = 64;  // query rows per task: the K/V copies serve all of them
+
+// p[j] = exp(x[j] - m) for x[j] <= m, as exp(r) * 2^k with x - m = k ln2 + r, |r| <= ln2/2:
+// a degree-7 Taylor polynomial (relative error below 1e-8 there), the power of two built
+// in the exponent bits. Underflow (x - m < -87) gives 0.
+FASTLLM_CPU_CLONES void exp_shifted(const float* x, float m, int64_t n, float* p) {
+  for (int64_t j = 0; j < n; ++j) {
+    float t = x[j] - m;
+    const bool tiny = t < -87.0f;
+    t = tiny ? -87.0f : t;
+    const float k = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(t/ln2)
+    const float r = (t - k * 0.693145751953125f) - k * 1.428606765330187e-06f;  // ln2 hi + lo
+    float e = 1.0f / 5040.0f;
+    e = e * r + 1.0f / 720.0f;
+    e = e * r + 1.0f / 120.0f;
+    e = e * r + 1.0f / 24.0f;
+    e = e * r + 1.0f / 6.0f;
+    e = e * r + 0.5f;
+    e = e * r + 1.0f;
+    e = e * r + 1.0f;
+    const int32_t ki = static_cast<int32_t>(k);  // in [-126, 0]
+    const float two_k = cpu::bits_float(static_cast<uint32_t>(ki + 127) << 23);
+    p[j] = tiny ? 0.0f : e * two_k;
+  }
+}
+
+// Reductions in LANES independent lanes (a vector loop; a single float accumulator
+// would have to keep the sequential order), folded at the end.
+constexpr int LANES = 16;
+
+FASTLLM_CPU_CLONES float sum_of(const float* x, int64_t n) {
+  float lanes[LANES] = {};
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES) {
+    for (int l = 0; l < LANES; ++l) lanes[l] += x[j + l];
+  }
+  float total = 0.0f;
+  for (; j < n; ++j) total += x[j];
+  for (int l = 0; l < LANES; ++l) total += lanes[l];
+  return total;
+}
+
+FASTLLM_CPU_CLONES float max_of(const float* x, int64_t n) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float lanes[LANES];
+  for (int l = 0; l < LANES; ++l) lanes[l] = neg_inf;
+  int64_t j = 0;
+  for (; j + LANES <= n; j += LANES) {
+    for (int l = 0; l < LANES; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
+  }
+  float m = neg_inf;
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (int l = 0; l < LANES; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+constexpr int64_t TILE_R = 4;   // rows of a micro-kernel tile
+constexpr int64_t TILE_C = 16;  // columns: one AVX-512 vector, two AVX2 ones
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// One row piece of a tile as a GCC/Clang vector: one AVX-512 register, two AVX2 ones or
+// four SSE ones, whichever the clone is compiled for. Loads and stores go through memcpy
+// (unaligned moves).
+typedef float TileRow __attribute__((vector_size(TILE_C * sizeof(float))));
+
+// C [R, C] = A [R, K] @ B [K, C] (row-major, row strides K, C and C), TILE_R x TILE_C at a
+// time with the tile in registers: per k, one row piece of B times TILE_R scalars of A.
+// R and C are multiples of the tile (the buffers are zero-padded to them).
+FASTLLM_CPU_CLONES void matmul_tiles(const float* a, const float* b, int64_t R, int64_t K,
+                                     int64_t C, float* c) {
+  static_assert(TILE_R == 4, "the loop below holds four rows");
+  for (int64_t i0 = 0; i0 < R; i0 += TILE_R) {
+    const float* a0 = a + i0 * K;
+    for (int64_t j0 = 0; j0 < C; j0 += TILE_C) {
+      TileRow c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      for (int64_t k = 0; k < K; ++k) {
+        TileRow bk;
+        std::memcpy(&bk, b + k * C + j0, sizeof bk);
+        c0 += bk * a0[k];
+        c1 += bk * a0[K + k];
+        c2 += bk * a0[2 * K + k];
+        c3 += bk * a0[3 * K + k];
+      }
+      float* out = c + i0 * C + j0;
+      std::memcpy(out, &c0, sizeof c0);
+      std::memcpy(out + C, &c1, sizeof c1);
+      std::memcpy(out + 2 * C, &c2, sizeof c2);
+      std::memcpy(out + 3 * C, &c3, sizeof c3);
+    }
+  }
+}
+
+// s[j] = scale * s[j] where lo <= first + j < hi, -inf elsewhere (the row's mask)
+FASTLLM_CPU_CLONES void mask_and_scale(float* s, int64_t n, int64_t first, int64_t lo,
+                                       int64_t hi, float scale) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t key = first + j;
+    s[j] = key >= lo && key < hi ? s[j] * scale : neg_inf;
+  }
+}
+
+FASTLLM_CPU_CLONES void scale_row(float* x, int64_t n, float f) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= f;
+}
+
+// One range of keys [lo, hi) per query row, from the window rule of attention.h.
+void key_range(int64_t pos, int64_t seqlen_k, int window_left, int window_right, int64_t& lo,
+               int64_t& hi) {
+  lo = window_left >= 0 ? pos - window_left : 0;
+  hi = window_right >= 0 ? pos + window_right + 1 : seqlen_k;
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > seqlen_k ? seqlen_k : hi;
+}
+
+struct Task {
+  int64_t b, h, q0;  // sequence, q head, first query row of the block
+};
+
+struct Scratch {  // per thread, reused across tasks
+  std::vector<float> q, kt, v, s, o, row, inv;
+};
+
+void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q, int64_t len_k,
+              int64_t tok_q, int64_t tok_k, Scratch& w) {
+  const int64_t D = a.head_dim;
+  const int64_t kv_head = t.h / (a.heads_q / a.heads_kv);
+  const int64_t rows = len_q - t.q0 < BLOCK_Q ? len_q - t.q0 : BLOCK_Q;
+  const int64_t shift = len_k - len_q;  // bottom-right alignment
+  const size_t esize = dtype == DType::kFloat32 ? 4 : 2;
+  const char* qb = reinterpret_cast<const char*>(a.q);
+  const char* kb = reinterpret_cast<const char*>(a.k);
+  const char* vb = reinterpret_cast<const char*>(a.v);
+  char* ob = reinterpret_cast<char*>(a.out);
+  float* lse = reinterpret_cast<float*>(a.lse);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  // the keys any row of this block sees: [first, first + n)
+  int64_t first = len_k, last = 0;
+  for (int64_t i = t.q0; i < t.q0 + rows; ++i) {
+    int64_t lo, hi;
+    key_range(i + shift, len_k, a.window_left, a.window_right, lo, hi);
+    if (lo < hi) {
+      first = lo < first ? lo : first;
+      last = hi > last ? hi : last;
+    }
+  }
+  const int64_t n = last > first ? last - first : 0;
+  // padded sizes of the tiles: rows to TILE_R, keys and head_dim to TILE_C
+  const int64_t rp = round_up(rows, TILE_R), np = round_up(n > 0 ? n : 1, TILE_C);
+  const int64_t dp = round_up(D, TILE_C);
+  w.q.assign(static_cast<size_t>(rp * dp), 0.0f);
+  w.kt.assign(static_cast<size_t>(dp * np), 0.0f);
+  w.v.assign(static_cast<size_t>(np * dp), 0.0f);
+  w.s.resize(static_cast<size_t>(rp * np));
+  w.o.resize(static_cast<size_t>(rp * dp));
+  w.row.resize(static_cast<size_t>(dp));
+  w.inv.resize(static_cast<size_t>(rp));
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q_off =
+        t.b * a.q_stride_b + (tok_q + t.q0 + r) * a.q_stride_s + t.h * a.q_stride_h;
+    cpu::load_row(qb + q_off * esize, dtype, D, w.q.data() + r * dp);
+  }
+  const int64_t k_off = t.b * a.k_stride_b + tok_k * a.k_stride_s + kv_head * a.k_stride_h;
+  const int64_t v_off = t.b * a.v_stride_b + tok_k * a.v_stride_s + kv_head * a.v_stride_h;
+  for (int64_t j = 0; j < n; ++j) {
+    cpu::load_row(kb + (k_off + (first + j) * a.k_stride_s) * esize, dtype, D, w.row.data());
+    for (int64_t d = 0; d < D; ++d) w.kt[d * np + j] = w.row[d];  // K transposed
+    cpu::load_row(vb + (v_off + (first + j) * a.v_stride_s) * esize, dtype, D,
+                  w.v.data() + j * dp);
+  }
+
+  matmul_tiles(w.q.data(), w.kt.data(), rp, dp, np, w.s.data());  // q . k for every pair
+  for (int64_t r = 0; r < rp; ++r) {
+    float* s = w.s.data() + r * np;
+    int64_t lo = 0, hi = 0;
+    if (r < rows) key_range(t.q0 + r + shift, len_k, a.window_left, a.window_right, lo, hi);
+    float row_lse = neg_inf;
+    if (lo >= hi) {  // no key (or a padding row of the tile): p = 0, out = 0
+      for (int64_t j = 0; j < np; ++j) s[j] = 0.0f;
+      w.inv[r] = 0.0f;
+    } else {
+      mask_and_scale(s, np, first, lo, hi, a.scale);
+      if (a.softcap > 0.0f) {
+        for (int64_t j = lo - first; j < hi - first; ++j) {
+          s[j] = a.softcap * std::tanh(s[j] / a.softcap);
+        }
+      }
+      const float m = max_of(s, np);
+      exp_shifted(s, m, np, s);  // masked keys: exp(-inf) = 0
+      const float sum = sum_of(s, np);
+      w.inv[r] = 1.0f / sum;
+      row_lse = m + std::log(sum);
+    }
+    if (lse != nullptr && r < rows) {
+      lse[t.b * a.lse_stride_b + t.h * a.lse_stride_h + (tok_q + t.q0 + r) * a.lse_stride_row] =
+          row_lse;
+    }
+  }
+  matmul_tiles(w.s.data(), w.v.data(), rp, np, dp, w.o.data());  // p . v
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = w.o.data() + r * dp;
+    scale_row(o, D, w.inv[r]);
+    const int64_t o_off =
+        t.b * a.o_stride_b + (tok_q + t.q0 + r) * a.o_stride_s + t.h * a.o_stride_h;
+    cpu::store_row(o, D, dtype, ob + o_off * esize);
+  }
+}
+
+}  // namespace
+
+const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int threads) {
+  const DType dtype = static_cast<DType>(dtype_code);
+  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
+    return "attention_prefill_cpu: dtype must be float32, float16 or bfloat16";
+  }
+  if (a.batch < 0 || a.heads_q <= 0 || a.heads_kv <= 0 || a.heads_q % a.heads_kv != 0 ||
+      a.head_dim <= 0) {
+    return "attention_prefill_cpu: bad sizes (heads_q a multiple of heads_kv, head_dim > 0)";
+  }
+  const bool varlen = a.cu_seqlens_q != 0;
+  const int32_t* cu_q = reinterpret_cast<const int32_t*>(a.cu_seqlens_q);
+  const int32_t* cu_k = reinterpret_cast<const int32_t*>(a.cu_seqlens_k);
+
+  // tasks: (sequence, head, block of query rows); sequences without queries have none
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int64_t len_q = varlen ? cu_q[b + 1] - cu_q[b] : a.seqlen_q;
+    if (varlen && (len_q < 0 || cu_k[b + 1] < cu_k[b])) {
+      return "attention_prefill_cpu: cu_seqlens must be non-decreasing";
+    }
+    for (int64_t h = 0; h < a.heads_q; ++h) {
+      for (int64_t q0 = 0; q0 < len_q; q0 += BLOCK_Q) tasks.push_back({b, h, q0});
+    }
+  }
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  auto task = [&](int64_t i, Scratch& w) {
+    const Task& t = tasks[i];
+    const int64_t len_q = varlen ? cu_q[t.b + 1] - cu_q[t.b] : a.seqlen_q;
+    const int64_t len_k = varlen ? cu_k[t.b + 1] - cu_k[t.b] : a.seqlen_k;
+    const int64_t tok_q = varlen ? cu_q[t.b] : 0;
+    const int64_t tok_k = varlen ? cu_k[t.b] : 0;
+    // packed tensors: the batch stride is 0 and the token offset carries the sequence
+    PrefillArgs p = a;
+    if (varlen) p.q_stride_b = p.k_stride_b = p.v_stride_b = p.o_stride_b = p.lse_stride_b = 0;
+    run_task(p, dtype, t, len_q, len_k, tok_q, tok_k, w);
+  };
+  const int64_t work = n_tasks * BLOCK_Q * a.head_dim;
+#if defined(_OPENMP)
+  if (threads > 1 && n_tasks > 1 && work >= cpu::MIN_PARALLEL_ELEMENTS) {
+#pragma omp parallel num_threads(threads)
+    {
+      Scratch w;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
+    }
+    return nullptr;
+  }
+#else
+  (void)threads;
+  (void)work;
+#endif
+  Scratch w;
+  for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
+  return nullptr;
+}
+
+}  // namespace fastllm

@@ -1,0 +1,99 @@
+// The W8A8 epilogue on the CPU (fastllm.ops.int8_linear and int8_dynamic_linear,
+// backend "cpu", after torch._int_mm): one pass over the int32 accumulator.
+//
+//   out[m, n] = cast(float(acc[m, n]) * x_scale[m] * w_scale[n] + bias[n])
+//
+// in that order of float32 operations, the order of the torch backend's in-place ops,
+// so the two agree bit for bit. For a float32 output, out may be acc's own memory
+// (same address and row stride): each chunk of a row is read before it is written.
+// Rows are split over PyTorch's threads. The reference is fastllm/reference/int8.py.
+#include <cstring>
+#include <vector>
+
+#include "cpu_utils.h"
+#include "dtype.h"
+#include "int8/int8.h"
+
+namespace fastllm {
+namespace {
+
+using cpu::CHUNK;
+
+// out = float(acc) * xs * ws (+ bias), n <= CHUNK. acc is copied into a local buffer
+// first: out may be the same memory.
+FASTLLM_CPU_CLONES void scale_chunk(const int32_t* acc, float xs, const float* ws,
+                                    const float* bias, int64_t n, float* out) {
+  int32_t a[CHUNK];
+  std::memcpy(a, acc, static_cast<size_t>(n) * sizeof(int32_t));
+  if (bias != nullptr) {
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(a[j]) * xs * ws[j] + bias[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(a[j]) * xs * ws[j];
+  }
+}
+
+float load_float(const void* p, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16: return cpu::half_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::kBFloat16: return cpu::bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+bool is_float_dtype(DType d) {
+  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
+}
+
+}  // namespace
+
+const char* int8_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale, uintptr_t w_scale,
+                              uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype,
+                              int64_t ld_out, int64_t M, int64_t N, int threads) {
+  const DType odt = static_cast<DType>(out_dtype);
+  const DType bdt = static_cast<DType>(bias_dtype);
+  if (!is_float_dtype(odt)) return "int8_epilogue_cpu: out dtype must be float32, float16 or bfloat16";
+  if (bias != 0 && !is_float_dtype(bdt)) {
+    return "int8_epilogue_cpu: bias dtype must be float32, float16 or bfloat16";
+  }
+  if (M < 0 || N < 0 || ld_acc < N || ld_out < N) {
+    return "int8_epilogue_cpu: bad sizes (M, N >= 0, ld_acc >= N, ld_out >= N)";
+  }
+  if (odt != DType::kFloat32 && out == acc) {
+    return "int8_epilogue_cpu: only a float32 output may overwrite the accumulator";
+  }
+  if (odt == DType::kFloat32 && out == acc && ld_out != ld_acc) {
+    return "int8_epilogue_cpu: an in-place output needs the accumulator's row stride";
+  }
+  const int32_t* a = reinterpret_cast<const int32_t*>(acc);
+  const float* xs = reinterpret_cast<const float*>(x_scale);
+  const float* ws = reinterpret_cast<const float*>(w_scale);
+
+  std::vector<float> bias_f;  // the bias as float32, once per call
+  if (bias != 0) {
+    bias_f.resize(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) bias_f[n] = load_float(reinterpret_cast<const void*>(bias), bdt, n);
+  }
+  const float* b = bias != 0 ? bias_f.data() : nullptr;
+
+  cpu::for_each_row(M, N, threads, [&](int64_t m) {
+    const int32_t* a_row = a + m * ld_acc;
+    if (odt == DType::kFloat32) {
+      float* o_row = reinterpret_cast<float*>(out) + m * ld_out;
+      for (int64_t j0 = 0; j0 < N; j0 += CHUNK) {
+        const int64_t n = N - j0 < CHUNK ? N - j0 : CHUNK;
+        scale_chunk(a_row + j0, xs[m], ws + j0, b ? b + j0 : nullptr, n, o_row + j0);
+      }
+      return;
+    }
+    uint16_t* o_row = reinterpret_cast<uint16_t*>(out) + m * ld_out;
+    float v[CHUNK];
+    for (int64_t j0 = 0; j0 < N; j0 += CHUNK) {
+      const int64_t n = N - j0 < CHUNK ? N - j0 : CHUNK;
+      scale_chunk(a_row + j0, xs[m], ws + j0, b ? b + j0 : nullptr, n, v);
+      cpu::store_row(v, n, odt, o_row + j0);
+    }
+  });
+  return nullptr;
+}
+
+}  // namespace fastllm

@@ -1,0 +1,177 @@
+"""Launchers of the C++ CPU kernels (backend "cpu"; kernels: csrc/quant/*_cpu.cpp,
+csrc/int8/*_cpu.cpp).
+
+On the CPU the W8A8 matmul itself is `torch._int_mm` (oneDNN); what fastllm adds
+is the work around it, which in eager PyTorch costs more than the matmul at
+transformer sizes: per-token quantization (amax, divide, round, clamp, cast: five
+passes over the activations in PyTorch, one read here) and the epilogue (convert,
+two scalings, bias, cast: four passes over the output, one here, written over the
+accumulator itself for a float32 output). Both kernels give the torch backend's
+results bit for bit, and split rows over PyTorch's threads (`torch.get_num_threads()`).
+
+The launchers take tensors the op layer has already validated and made contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastllm import native
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def device_reason(*tensors: torch.Tensor | None) -> str | None:
+    """None when the C++ CPU kernels can take these tensors."""
+    err = native.load_error()
+    if err is not None:
+        return f"fastllm._C is not available ({err})"
+    if not hasattr(native.module(), "quantize_per_token_cpu"):
+        return "this build of fastllm._C has no CPU kernels (rebuild it)"
+    for t in tensors:
+        if t is not None and t.device.type != "cpu":
+            return f"the cpu backend takes CPU tensors, got {t.device}"
+    return None
+
+
+def quantize_per_token(
+    x: torch.Tensor, smooth_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] CPU, float32/float16/bfloat16, stride(-1) == 1 -> (int8 [M, K], float32 [M]),
+    of x.float() / smooth_scale (float32 [K] contiguous) when that is given."""
+    assert x.device.type == "cpu" and x.dim() == 2 and x.stride(-1) == 1, "unchecked input"
+    rows, cols = x.shape
+    q = torch.empty((rows, cols), dtype=torch.int8)
+    scale = torch.empty((rows,), dtype=torch.float32)
+    if rows == 0:
+        return q, scale
+    native.module().quantize_per_token_cpu(
+        x.data_ptr(),
+        native.dtype_code(x),
+        rows,
+        cols,
+        x.stride(0),
+        smooth_scale.data_ptr() if smooth_scale is not None else 0,
+        q.data_ptr(),
+        scale.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return q, scale
+
+
+def epilogue(
+    acc: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """float(acc) * x_scale[:, None] * w_scale + bias, cast to out_dtype.
+
+    acc: [M, N] int32 contiguous, consumed: a float32 result is written over it."""
+    assert acc.dtype == torch.int32 and acc.is_contiguous(), "unchecked input"
+    M, N = acc.shape
+    out = (
+        acc.view(torch.float32)
+        if out_dtype == torch.float32
+        else torch.empty((M, N), dtype=out_dtype)
+    )
+    native.module().int8_epilogue_cpu(
+        acc.data_ptr(),
+        N,
+        x_scale.data_ptr(),
+        w_scale.data_ptr(),
+        bias.data_ptr() if bias is not None else 0,
+        native.dtype_code(bias) if bias is not None else -1,
+        out.data_ptr(),
+        native.dtype_code(out),
+        N,
+        M,
+        N,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def _int_mm_reason(M: int, K: int, N: int) -> str | None:
+    from fastllm.ops.int8 import int_mm_accepts
+
+    if not int_mm_accepts(M, K, N, torch.device("cpu")):
+        return f"torch._int_mm does not take [{M}, {K}] @ [{K}, {N}] on the CPU in this PyTorch"
+    return None
+
+
+def supports_w8a8(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=None) -> str | None:
+    reason = device_reason(x_int8, x_scale, w_int8, w_scale, bias)
+    return reason or _int_mm_reason(x_int8.shape[0], x_int8.shape[1], w_int8.shape[0])
+
+
+def w8a8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype) -> torch.Tensor:
+    return epilogue(torch._int_mm(x_int8, w_int8.t()), x_scale, w_scale, bias, out_dtype)
+
+
+def supports_dynamic(x, w_int8, w_scale, bias=None, smooth_scale=None) -> str | None:
+    reason = device_reason(x, w_int8, w_scale, bias, smooth_scale)
+    return reason or _int_mm_reason(x.shape[0], x.shape[1], w_int8.shape[0])
+
+
+def dynamic_linear(x, w_int8, w_scale, bias=None, smooth_scale=None) -> torch.Tensor:
+    x_int8, x_scale = quantize_per_token(x, smooth_scale)
+    return w8a8_linear(x_int8, x_scale, w_int8, w_scale, bias, x.dtype)
+
+
+# --- attention (csrc/attention/attention_cpu.cpp) --------------------------------------------
+
+def supports_attention(
+    q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
+) -> str | None:
+    reason = device_reason(q, k, v, cu_q, cu_k)
+    if reason is not None:
+        return reason
+    if cu_q is not None and (cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32):
+        return f"cu_seqlens must be int32, got {cu_q.dtype} and {cu_k.dtype}"
+    return None
+
+
+# The kernel's gain is one call for a batch of short sequences, where the torch backend
+# calls SDPA once per sequence (~0.1 ms of overhead each on the CPU). Measured on a
+# 2-core x86 CPU (bench/bench_attention.py, fp32): a padded batch of 8 sentences of up
+# to 30 tokens, 12 heads of 32: 0.32 ms here against 0.87 ms (torch backend) and 0.49 ms
+# (one SDPA call on the padded batch with a mask); 16 sequences of 16 tokens, 12 heads
+# of 64: 1.8x the torch backend, but 0.88x at 32 tokens. Dense calls and long sequences
+# are PyTorch's: its blocked SDPA runs 1.5-2x more FLOP/s than the row blocks here. So
+# the automatic choice takes the kernel for varlen calls whose longest query and key
+# sequences, times head_dim and heads, stay within this budget (MiniLM's 30 tokens,
+# 12 heads of 32: 345,600); forced, it serves any call.
+ATTENTION_MAX_WORK = 600_000
+
+
+def prefer_attention(
+    q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
+) -> str | None:
+    if cu_q is None:
+        return "slower than SDPA on a dense batch (PyTorch takes it in one call)"
+    work = int(mq) * int(mk) * q.shape[-1] * q.shape[-2]
+    if work > ATTENTION_MAX_WORK:
+        return (
+            f"sequences of up to {int(mq)} queries x {int(mk)} keys, {q.shape[-2]} heads of "
+            f"{q.shape[-1]} ({work} > {ATTENTION_MAX_WORK}): SDPA per sequence is faster"
+        )
+    return None
+
+
+def attention(
+    q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
+):
+    """fastllm.ops.attention on the C++ CPU kernel (arguments as for the CUDA one)."""
+    from fastllm.native.attention import prefill_arguments
+
+    if cu_q is not None:
+        cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    out, lse, kwargs = prefill_arguments(
+        q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
+    )
+    if q.numel() == 0:
+        return out, lse
+    native.module().attention_prefill_cpu(**kwargs, threads=torch.get_num_threads())
+    return out, lse
