@@ -284,7 +284,7 @@ def optimize(
             calibration-free methods are used and the report says so.
         filter_fn: `filter_fn(qualified_name, module) -> bool`; layers for which it is
             false are left alone.
-        backend: force one fastllm backend ("torch", "triton", "cuda", "reference") for
+        backend: force one fastllm backend ("cuda", "triton", "cpu", "torch", "reference") for
             every forward pass of `model` (as `fastllm.use_backend` does); None: per-call choice.
         **options: LinearConfig fields (smoothquant, alpha, method, density, block_size, skip).
 

@@ -65,6 +65,10 @@ def test_non_contiguous_input(name):
     q, s = _run(x, name)
     ref_q, ref_s = reference.quantize_per_token(x.contiguous())
     assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
+    x = base[:1, 0].expand(5, 40)  # one row read five times (row stride 0)
+    q, s = _run(x, name)
+    ref_q, ref_s = reference.quantize_per_token(x.contiguous())
+    assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

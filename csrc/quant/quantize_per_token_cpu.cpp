@@ -116,8 +116,8 @@ const char* quantize_per_token_cpu(uintptr_t x, int x_dtype, int64_t rows, int64
   if (dtype != DType::kFloat32 && dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
     return "quantize_per_token_cpu: x dtype must be float32, float16 or bfloat16";
   }
-  if (rows < 0 || cols < 0 || stride_x_row < cols) {
-    return "quantize_per_token_cpu: bad sizes (rows, cols >= 0 and stride_x_row >= cols)";
+  if (rows < 0 || cols < 0 || stride_x_row < 0) {  // rows may overlap (an expanded x)
+    return "quantize_per_token_cpu: bad sizes (rows, cols and stride_x_row must be >= 0)";
   }
   const int64_t esize = dtype == DType::kFloat32 ? 4 : 2;
   const char* base = reinterpret_cast<const char*>(x);

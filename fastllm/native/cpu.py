@@ -1,5 +1,5 @@
 """Launchers of the C++ CPU kernels (backend "cpu"; kernels: csrc/quant/*_cpu.cpp,
-csrc/int8/*_cpu.cpp).
+csrc/int8/*_cpu.cpp, csrc/attention/*_cpu.cpp).
 
 On the CPU the W8A8 matmul itself is `torch._int_mm` (oneDNN); what fastllm adds
 is the work around it, which in eager PyTorch costs more than the matmul at
@@ -8,6 +8,8 @@ passes over the activations in PyTorch, one read here) and the epilogue (convert
 two scalings, bias, cast: four passes over the output, one here, written over the
 accumulator itself for a float32 output). Both kernels give the torch backend's
 results bit for bit, and split rows over PyTorch's threads (`torch.get_num_threads()`).
+The attention kernel serves a padded batch of short sequences in one call (see
+`prefer_attention` for when it is chosen).
 
 The launchers take tensors the op layer has already validated and made contiguous.
 """
@@ -17,8 +19,6 @@ from __future__ import annotations
 import torch
 
 from fastllm import native
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def device_reason(*tensors: torch.Tensor | None) -> str | None:
