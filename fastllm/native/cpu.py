@@ -122,6 +122,7 @@ def dynamic_linear(x, w_int8, w_scale, bias=None, smooth_scale=None) -> torch.Te
 
 # --- attention (csrc/attention/attention_cpu.cpp) --------------------------------------------
 
+
 def supports_attention(
     q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
 ) -> str | None:
