@@ -222,6 +222,10 @@ backend.register("int8_dynamic_linear", "cpu", supports=native_cpu.supports_dyna
 )
 
 
+# The public functions call the registered ops through torch.ops: the same op as the
+# custom_op objects below, without their Python wrapper's cost per call (~18 us on a CPU).
+_OPS = torch.ops.fastllm
+
 # --- registered ops ---------------------------------------------------------------------
 
 
@@ -379,7 +383,7 @@ def int8_linear(
     if x_int8.numel() == 0 or N == 0:
         return _empty_or_k0(x_int8, N, bias, dtype)
     x2 = rows_view(x_int8).contiguous()
-    out = _int8_linear_op(
+    out = _OPS.int8_linear(
         x2,
         x_scale.reshape(-1).contiguous(),
         w_int8.contiguous(),
@@ -441,7 +445,7 @@ def int8_dynamic_linear(
     if x.numel() == 0 or N == 0:
         return _empty_or_k0(x, N, bias, x.dtype)
     x2 = rows_view(x).contiguous()
-    out = _int8_dynamic_linear_op(
+    out = _OPS.int8_dynamic_linear(
         x2, w_int8.contiguous(), w_scale.contiguous(), _contig(bias), _contig(smooth_scale)
     )
     return out.view(*x.shape[:-1], N)
@@ -476,5 +480,5 @@ def int8_weight_only_linear(
     if x.numel() == 0 or N == 0:
         return _empty_or_k0(x, N, bias, x.dtype)
     x2 = rows_view(x).contiguous()
-    out = _int8_weight_only_linear_op(x2, w_int8.contiguous(), w_scale.contiguous(), _contig(bias))
+    out = _OPS.int8_weight_only_linear(x2, w_int8.contiguous(), w_scale.contiguous(), _contig(bias))
     return out.view(*x.shape[:-1], N)

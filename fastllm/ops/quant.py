@@ -48,6 +48,10 @@ def _quantize_cuda(x2):
     return quantize_per_token(x2)
 
 
+# The public functions call the registered ops through torch.ops: the same op as the
+# custom_op objects below, without their Python wrapper's cost per call (~18 us on a CPU).
+_OPS = torch.ops.fastllm
+
 # --- registered op ---------------------------------------------------------------------
 
 
@@ -92,7 +96,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty(x.shape, dtype=torch.int8, device=x.device),
             torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device),
         )
-    q, scale = _quantize_per_token_op(rows_view(x))
+    q, scale = _OPS.quantize_per_token(rows_view(x))
     return q.view(x.shape), scale.view(x.shape[:-1])
 
 
@@ -169,4 +173,4 @@ def quantize_per_channel(w: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, t
             torch.empty(w.shape, dtype=torch.int8, device=w.device),
             torch.ones((w.shape[dim],), dtype=torch.float32, device=w.device),
         )
-    return _quantize_per_channel_op(w, dim)
+    return _OPS.quantize_per_channel(w, dim)
