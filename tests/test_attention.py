@@ -319,6 +319,25 @@ def test_cpu_kernel_is_chosen_for_short_varlen_sequences():
     _run("cpu", fastllm.ops.attention, x[None], x[None], x[None])
 
 
+@pytest.mark.skipif(
+    "cpu" not in DECODE_BACKENDS, reason="fastllm._C (C++ CPU kernels) is not built"
+)
+def test_cpu_decode_kernel_is_chosen_for_small_caches():
+    from fastllm.native.cpu import DECODE_MAX_WORK
+
+    q = torch.randn(1, 1, 4, 64)
+    small = torch.randn(1, 128, 2, 64)
+    lens = torch.tensor([100], dtype=torch.int32)
+    fastllm.ops.decode_attention(q, small, small, lens)
+    assert fastllm.last_backend("decode_attention") == "cpu"
+    big = torch.randn(1, DECODE_MAX_WORK // (2 * 64) + 1, 2, 64)
+    fastllm.ops.decode_attention(q, big, big, lens)
+    assert fastllm.last_backend("decode_attention") == "torch"
+    out = _run("cpu", fastllm.ops.decode_attention, q, big, big, lens, op="decode_attention")
+    ref = _decode_ref(q, big, big, lens, None, None)
+    _check(out, ref, torch.float32, "forced on a large cache")
+
+
 # --- decode -------------------------------------------------------------------------------
 
 
@@ -589,6 +608,8 @@ def test_unchecked_values_never_read_out_of_bounds():
         out = _run(name, D, q, kc, kc, _i(3, 99), block_table=_i(0, 1, 2, 77).view(2, 2),
                    validate=False, op="decode_attention")  # fmt: skip
         assert torch.isfinite(out).all()
+        if name not in APPEND_BACKENDS:
+            continue
         kp = torch.zeros_like(kc)
         _run(name, P, _t(2, 3, 2, 16) + 1, _t(2, 3, 2, 16) + 1, kp, kp.clone(), _i(14, 0),
              block_table=_i(0, 1, 2, 77).view(2, 2), validate=False, op="kv_cache_append")  # fmt: skip

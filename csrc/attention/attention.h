@@ -65,4 +65,9 @@ struct DecodeArgs {
 };
 const char* attention_decode(const DecodeArgs& args, int dtype, uintptr_t stream);
 
+// attention_cpu.cpp: the same on host memory (float32/float16/bfloat16, any head_dim, any
+// q_len, one split; o_partial/lse_partial/num_splits unused), work split over `threads`
+// OpenMP threads by (sequence, kv head).
+const char* attention_decode_cpu(const DecodeArgs& args, int dtype, int threads);
+
 }  // namespace fastllm

@@ -148,7 +148,7 @@ struct Task {
 };
 
 struct Scratch {  // per thread, reused across tasks
-  std::vector<float> q, kt, v, s, o, row, inv;
+  std::vector<float> q, kt, v, s, o, row, inv, p;
 };
 
 void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q, int64_t len_k,
@@ -238,6 +238,98 @@ void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q, i
   }
 }
 
+// One decode task: sequence b, kv head kvh, and the q_len x group query rows that share
+// it (row r: token r / group, q head kvh * group + r % group), against the cache's first
+// len_k keys. Keys are copied as rows (S^T = K Q^T needs no transpose), values as rows.
+void run_decode_task(const DecodeArgs& a, DType dtype, int64_t b, int64_t kvh, Scratch& w) {
+  const int64_t D = a.head_dim, group = a.heads_q / a.heads_kv;
+  const int64_t R = static_cast<int64_t>(a.q_len) * group;
+  const int32_t* seqlens = reinterpret_cast<const int32_t*>(a.cache_seqlens);
+  int64_t len_k = seqlens[b];
+  len_k = len_k < 0 ? 0 : (len_k > a.capacity ? a.capacity : len_k);
+  const size_t esize = dtype == DType::kFloat32 ? 4 : 2;
+  const char* qb = reinterpret_cast<const char*>(a.q);
+  const char* kb = reinterpret_cast<const char*>(a.k_cache);
+  const char* vb = reinterpret_cast<const char*>(a.v_cache);
+  char* ob = reinterpret_cast<char*>(a.out);
+  const int32_t* table = reinterpret_cast<const int32_t*>(a.block_table);
+
+  auto row_range = [&](int64_t r, int64_t& lo, int64_t& hi) {
+    const int64_t pos = len_k - a.q_len + r / group;  // the query token's cache position
+    key_range(pos, len_k, a.window_left, a.window_right, lo, hi);
+  };
+  int64_t first = len_k, last = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t lo, hi;
+    row_range(r, lo, hi);
+    if (lo < hi) {
+      first = lo < first ? lo : first;
+      last = hi > last ? hi : last;
+    }
+  }
+  const int64_t n = last > first ? last - first : 0;
+  const int64_t n4 = round_up(n > 0 ? n : 1, TILE_R), rc = round_up(R, TILE_C);
+  const int64_t rp = round_up(R, TILE_R), dp = round_up(D, TILE_C);
+  w.kt.assign(static_cast<size_t>(n4 * D), 0.0f);  // K rows [n4, D]
+  w.v.assign(static_cast<size_t>(n4 * dp), 0.0f);  // V rows [n, dp]
+  w.q.assign(static_cast<size_t>(D * rc), 0.0f);   // Q^T [D, rc]
+  w.s.resize(static_cast<size_t>(n4 * rc));        // S^T [n4, rc]
+  w.o.resize(static_cast<size_t>(rp * dp));
+  w.row.resize(static_cast<size_t>(n4 > D ? n4 : D));
+  w.inv.assign(static_cast<size_t>(rp), 0.0f);
+  std::vector<float>& p = w.p;  // P [rp, n]
+  p.assign(static_cast<size_t>(rp * (n > 0 ? n : 1)), 0.0f);
+
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = r / group, h = kvh * group + r % group;
+    cpu::load_row(qb + (b * a.q_stride_b + t * a.q_stride_s + h * a.q_stride_h) * esize, dtype, D,
+                  w.row.data());
+    for (int64_t d = 0; d < D; ++d) w.q[d * rc + r] = w.row[d];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t key = first + j;
+    int64_t k_off, v_off;
+    if (table != nullptr) {  // paged: the block holding this key; a bad block id reads zeros
+      const int64_t id = table[b * a.block_table_stride + key / a.block_size];
+      if (id < 0 || id >= a.num_blocks) continue;
+      const int64_t slot = key % a.block_size;
+      k_off = id * a.k_stride_b + slot * a.k_stride_s + kvh * a.k_stride_h;
+      v_off = id * a.v_stride_b + slot * a.v_stride_s + kvh * a.v_stride_h;
+    } else {
+      k_off = b * a.k_stride_b + key * a.k_stride_s + kvh * a.k_stride_h;
+      v_off = b * a.v_stride_b + key * a.v_stride_s + kvh * a.v_stride_h;
+    }
+    cpu::load_row(kb + k_off * esize, dtype, D, w.kt.data() + j * D);
+    cpu::load_row(vb + v_off * esize, dtype, D, w.v.data() + j * dp);
+  }
+
+  matmul_tiles(w.kt.data(), w.q.data(), n4, D, rc, w.s.data());  // S^T = K Q^T
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t lo, hi;
+    row_range(r, lo, hi);
+    if (lo >= hi) continue;  // no key: p = 0, out = 0
+    float* s = w.row.data();
+    for (int64_t j = 0; j < n; ++j) s[j] = w.s[j * rc + r];
+    mask_and_scale(s, n, first, lo, hi, a.scale);
+    if (a.softcap > 0.0f) {
+      for (int64_t j = lo - first; j < hi - first; ++j) {
+        s[j] = a.softcap * std::tanh(s[j] / a.softcap);
+      }
+    }
+    const float m = max_of(s, n);
+    exp_shifted(s, m, n, p.data() + r * n);
+    w.inv[r] = 1.0f / sum_of(p.data() + r * n, n);
+  }
+  matmul_tiles(p.data(), w.v.data(), rp, n, dp, w.o.data());  // O = P V
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = r / group, h = kvh * group + r % group;
+    float* o = w.o.data() + r * dp;
+    scale_row(o, D, w.inv[r]);
+    cpu::store_row(o, D, dtype,
+                   ob + (b * a.o_stride_b + t * a.o_stride_s + h * a.o_stride_h) * esize);
+  }
+}
+
 }  // namespace
 
 const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int threads) {
@@ -277,6 +369,42 @@ const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int thre
     run_task(p, dtype, t, len_q, len_k, tok_q, tok_k, w);
   };
   const int64_t work = n_tasks * BLOCK_Q * a.head_dim;
+#if defined(_OPENMP)
+  if (threads > 1 && n_tasks > 1 && work >= cpu::MIN_PARALLEL_ELEMENTS) {
+#pragma omp parallel num_threads(threads)
+    {
+      Scratch w;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
+    }
+    return nullptr;
+  }
+#else
+  (void)threads;
+  (void)work;
+#endif
+  Scratch w;
+  for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
+  return nullptr;
+}
+
+}  // namespace fastllm
+
+namespace fastllm {
+
+const char* attention_decode_cpu(const DecodeArgs& a, int dtype_code, int threads) {
+  const DType dtype = static_cast<DType>(dtype_code);
+  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
+    return "attention_decode_cpu: dtype must be float32, float16 or bfloat16";
+  }
+  if (a.batch < 0 || a.q_len < 0 || a.heads_q <= 0 || a.heads_kv <= 0 ||
+      a.heads_q % a.heads_kv != 0 || a.head_dim <= 0 || a.capacity < 0 ||
+      (a.block_table != 0 && a.block_size <= 0)) {
+    return "attention_decode_cpu: bad sizes";
+  }
+  const int64_t n_tasks = static_cast<int64_t>(a.batch) * a.heads_kv;
+  auto task = [&](int64_t i, Scratch& w) { run_decode_task(a, dtype, i / a.heads_kv, i % a.heads_kv, w); };
+  const int64_t work = n_tasks * static_cast<int64_t>(a.capacity) * a.head_dim;
 #if defined(_OPENMP)
   if (threads > 1 && n_tasks > 1 && work >= cpu::MIN_PARALLEL_ELEMENTS) {
 #pragma omp parallel num_threads(threads)

@@ -258,60 +258,81 @@ def prefill(
     return out, lse
 
 
-def decode(
-    q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, wl, wr, softcap, num_splits
-):
-    """fastllm.ops.decode_attention on the CUDA kernels: q (B, q_len, Hq, D) against a
-    contiguous (B, S_max, Hkv, D) or paged (num_blocks, block_size, Hkv, D) cache.
-    num_splits 0: chosen from the shapes and the SM count. Returns out (B, q_len, Hq, D)."""
+def decode_arguments(
+    q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, wl, wr, softcap
+) -> tuple[torch.Tensor, dict]:
+    """The output and the keyword arguments of the decode kernels (CUDA and CPU alike; see
+    csrc/attention/attention.h) but the split-KV ones, for one call of
+    fastllm.ops.decode_attention: q (B, q_len, Hq, D) against a contiguous
+    (B, S_max, Hkv, D) or paged (num_blocks, block_size, Hkv, D) cache."""
     batch, q_len, heads_q, head_dim = q.shape
-    heads_kv = k_cache.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
     if block_table is not None:
         block_size, num_blocks = k_cache.shape[1], k_cache.shape[0]
         capacity = block_table.shape[1] * block_size
     else:
         block_size, num_blocks, capacity = 0, 0, k_cache.shape[1]
+    left, right = _window(causal, wl, wr)
+    kwargs = dict(
+        q=q.data_ptr(),
+        k_cache=k_cache.data_ptr(),
+        v_cache=v_cache.data_ptr(),
+        out=out.data_ptr(),
+        cache_seqlens=cache_seqlens.data_ptr(),
+        block_table=block_table.data_ptr() if block_table is not None else 0,
+        q_strides=q.stride()[:3],
+        k_strides=k_cache.stride()[:3],
+        v_strides=v_cache.stride()[:3],
+        o_strides=out.stride()[:3],
+        block_table_stride=block_table.stride(0) if block_table is not None else 0,
+        batch=batch,
+        q_len=q_len,
+        heads_q=heads_q,
+        heads_kv=k_cache.shape[2],
+        head_dim=head_dim,
+        capacity=capacity,
+        block_size=block_size,
+        num_blocks=num_blocks,
+        scale=float(scale),
+        softcap=float(softcap),
+        window_left=left,
+        window_right=right,
+        dtype=native.dtype_code(q),
+    )
+    return out, kwargs
+
+
+def decode(
+    q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, wl, wr, softcap, num_splits
+):
+    """fastllm.ops.decode_attention on the CUDA kernels (arguments: `decode_arguments`).
+    num_splits 0: chosen from the shapes and the SM count. Returns out (B, q_len, Hq, D)."""
+    out, kwargs = decode_arguments(
+        q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, wl, wr, softcap
+    )
+    if out.numel() == 0:
+        return out
+    batch, q_len, heads_q, head_dim = q.shape
     if num_splits <= 0:
         num_splits = choose_num_splits(
-            batch, heads_q, heads_kv, q_len, capacity, sm_count(_index(q.device))
+            batch,
+            heads_q,
+            kwargs["heads_kv"],
+            q_len,
+            kwargs["capacity"],
+            sm_count(_index(q.device)),
         )
     shapes = decode_workspace_shapes(batch, q_len, heads_q, head_dim, num_splits)
+    o_partial = lse_partial = None
     if shapes is not None:
         o_partial = torch.empty(shapes[0], dtype=torch.float32, device=q.device)
         lse_partial = torch.empty(shapes[1], dtype=torch.float32, device=q.device)
-    left, right = _window(causal, wl, wr)
     with torch.cuda.device(q.device):
         native.module().attention_decode(
-            q=q.data_ptr(),
-            k_cache=k_cache.data_ptr(),
-            v_cache=v_cache.data_ptr(),
-            out=out.data_ptr(),
-            cache_seqlens=cache_seqlens.data_ptr(),
-            block_table=block_table.data_ptr() if block_table is not None else 0,
-            o_partial=o_partial.data_ptr() if shapes is not None else 0,
-            lse_partial=lse_partial.data_ptr() if shapes is not None else 0,
-            q_strides=q.stride()[:3],
-            k_strides=k_cache.stride()[:3],
-            v_strides=v_cache.stride()[:3],
-            o_strides=out.stride()[:3],
-            block_table_stride=block_table.stride(0) if block_table is not None else 0,
-            batch=batch,
-            q_len=q_len,
-            heads_q=heads_q,
-            heads_kv=heads_kv,
-            head_dim=head_dim,
-            capacity=capacity,
-            block_size=block_size,
-            num_blocks=num_blocks,
+            **kwargs,
+            o_partial=o_partial.data_ptr() if o_partial is not None else 0,
+            lse_partial=lse_partial.data_ptr() if lse_partial is not None else 0,
             num_splits=num_splits,
-            scale=float(scale),
-            softcap=float(softcap),
-            window_left=left,
-            window_right=right,
-            dtype=native.dtype_code(q),
             stream=native.stream_of(q),
         )
     return out

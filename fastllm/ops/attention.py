@@ -37,8 +37,8 @@ implementation then receives plain values, positionally, in this order:
 A backend registers ``backend.register(op, name, supports=...)`` where `supports`
 takes the same arguments and returns None or the reason it cannot serve the call.
 The `cuda` backend is the launchers of fastllm/native/attention.py, registered below;
-the `cpu` backend (attention only) is the C++ kernel csrc/attention/attention_cpu.cpp,
-launched by fastllm/native/cpu.py.
+the `cpu` backend (attention and decode_attention) is the C++ kernels of
+csrc/attention/attention_cpu.cpp, launched by fastllm/native/cpu.py.
 """
 
 from __future__ import annotations
@@ -291,6 +291,14 @@ def _decode_torch(
         return out.to(q.dtype)
     out = _sdpa(q, k, v, mask=keep, scale=scale)
     return out.masked_fill(~keep.any(-1).transpose(1, 2)[..., None], 0.0).contiguous()
+
+
+backend.register(
+    "decode_attention",
+    "cpu",
+    supports=native_cpu.supports_decode,
+    prefer=native_cpu.prefer_decode,
+)(native_cpu.decode_attention)
 
 
 @backend.register("decode_attention", "triton", supports=_decode_triton_supports)
