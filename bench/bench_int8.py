@@ -12,8 +12,8 @@ GPU:
 CPU:
   Int8Linear (the whole forward: quantization, int8 matmul, epilogue) in w8a8 on the cpu
   backend (C++ quantization and epilogue around torch._int_mm) and on the torch backend
-  (eager PyTorch around it), and in w8a16, against float32 nn.Linear and against
-  torch._int_mm alone.
+  (eager PyTorch around it), and in w8a16 at M = 1 on the cpu backend (C++ kernel) and
+  the torch backend, against float32 nn.Linear and against torch._int_mm alone.
 """
 
 from __future__ import annotations
@@ -172,8 +172,13 @@ def _cpu(ctx: Context) -> None:
                 continue
             impls[f"Int8Linear w8a8 [{name}]"] = functools.partial(forced, q8, name)
         impls["torch._int_mm alone"] = lambda x_int8=x_int8: torch._int_mm(x_int8, wt)
-        if M == 1:
-            impls["Int8Linear w8a16"] = lambda x=x: q16(x)
+        if M == 1:  # w8a16 is for decode: the C++ kernel and the torch backend
+            for name in ("cpu", "torch"):
+                if backend.why_not(
+                    "int8_weight_only_linear", name, x.device, x, q16.weight, q16.weight_scale
+                ):
+                    continue
+                impls[f"Int8Linear w8a16 [{name}]"] = functools.partial(forced, q16, name)
         base_ms = None
         with torch.no_grad():
             for impl, fn in impls.items():

@@ -203,6 +203,19 @@ def test_cpu_epilogue_rounds_like_torch_at_the_edges():
                 assert ((outs[0] != 0) & (outs[0].abs() < 2**-14)).any()
 
 
+@pytest.mark.skipif(
+    "cpu" not in available_backends("int8_weight_only_linear", torch.device("cpu")),
+    reason="fastllm._C (C++ CPU kernels) is not built",
+)
+def test_cpu_w8a16_kernel_is_chosen_for_small_m():
+    from fastllm.native.cpu import W8A16_MAX_M
+
+    w_int8, w_scale = reference.quantize_per_channel(torch.randn(24, 40))
+    for M, expected in ((1, "cpu"), (W8A16_MAX_M, "cpu"), (W8A16_MAX_M + 1, "torch")):
+        fastllm.ops.int8_weight_only_linear(torch.randn(M, 40), w_int8, w_scale)
+        assert fastllm.last_backend("int8_weight_only_linear") == expected, M
+
+
 @pytest.mark.parametrize("name, M, N, K", _cases("int8_weight_only_linear"))
 def test_weight_only_matches_reference(name, M, N, K, monkeypatch):
     w_int8, w_scale = _weight(N, K)

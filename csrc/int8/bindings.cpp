@@ -19,6 +19,18 @@ void bind_int8(py::module_& m) {
       py::arg("acc"), py::arg("ld_acc"), py::arg("x_scale"), py::arg("w_scale"), py::arg("bias"),
       py::arg("bias_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("ld_out"), py::arg("M"),
       py::arg("N"), py::arg("threads"));
+  m.def(
+      "int8_w8a16_cpu",
+      [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t w_scale,
+         uintptr_t bias, int bias_dtype, uintptr_t out, int64_t ldo, int64_t M, int64_t N, int64_t K,
+         int threads) {
+        py::gil_scoped_release no_gil;
+        check(int8_w8a16_cpu(x, x_dtype, ldx, w, ldw, w_scale, bias, bias_dtype, out, ldo, M, N, K,
+                             threads));
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("ldx"), py::arg("w"), py::arg("ldw"),
+      py::arg("w_scale"), py::arg("bias"), py::arg("bias_dtype"), py::arg("out"), py::arg("ldo"),
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("threads"));
 #ifdef FASTLLM_WITH_CUDA
   m.def(
       "int8_w8a8_gemm",

@@ -35,4 +35,11 @@ const char* int8_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale, 
                               uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype,
                               int64_t ld_out, int64_t M, int64_t N, int threads);
 
+// w8a16_cpu.cpp (host memory): out[m, n] = cast(w_scale[n] * sum_k x[m, k] * w[n, k] +
+// bias[n]) with x and out float32/float16/bfloat16 (one dtype), any M, N, K; output
+// channels split over `threads` OpenMP threads.
+const char* int8_w8a16_cpu(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, int64_t ldw,
+                           uintptr_t w_scale, uintptr_t bias, int bias_dtype, uintptr_t out,
+                           int64_t ldo, int64_t M, int64_t N, int64_t K, int threads);
+
 }  // namespace fastllm

@@ -220,6 +220,12 @@ backend.register("int8_linear", "cpu", supports=native_cpu.supports_w8a8)(native
 backend.register("int8_dynamic_linear", "cpu", supports=native_cpu.supports_dynamic)(
     native_cpu.dynamic_linear
 )
+backend.register(
+    "int8_weight_only_linear",
+    "cpu",
+    supports=native_cpu.supports_w8a16,
+    prefer=native_cpu.prefer_w8a16,
+)(native_cpu.w8a16_linear)
 
 
 # The public functions call the registered ops through torch.ops: the same op as the
