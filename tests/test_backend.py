@@ -101,6 +101,22 @@ def test_unsupported_call_falls_back_per_call():
     backend._REGISTRY.pop("_test_op")
 
 
+def test_prefer_sets_a_backend_aside_only_in_the_automatic_choice(monkeypatch):
+    monkeypatch.setattr(backend, "unavailable_reason", lambda name, device=None: None)
+    backend.register(
+        "_test_pref_op", "cpu", prefer=lambda x: "slower for x > 1" if x > 1 else None
+    )(lambda x: "cpu")
+    backend.register("_test_pref_op", "torch")(lambda x: "torch")
+    try:
+        cpu = torch.device("cpu")
+        assert backend.select("_test_pref_op", cpu, 1) == "cpu"
+        assert backend.select("_test_pref_op", cpu, 2) == "torch"
+        with fastllm.use_backend("cpu"):  # forced: served even where it is not preferred
+            assert backend.select("_test_pref_op", cpu, 2) == "cpu"
+    finally:
+        backend._REGISTRY.pop("_test_pref_op")
+
+
 def test_imports_and_runs_without_triton():
     # `import fastllm` must work where triton is missing; doctor then says so
     code = (

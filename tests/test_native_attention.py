@@ -72,11 +72,15 @@ def test_launchers_take_the_ops_normalized_arguments():
 
 
 def _binding_args(name: str) -> list[str]:
-    """The py::arg names of one launcher in csrc/attention/bindings.cpp."""
+    """The py::arg names of one launcher in csrc/attention/bindings.cpp: those of its
+    def_prefill/def_decode template, then the last one named where it is bound."""
     src = (ROOT / "csrc" / "attention" / "bindings.cpp").read_text()
-    start = src.index(f'"{name}",')
-    end = src.index("m.def(", start) if "m.def(" in src[start:] else len(src)
-    return re.findall(r'py::arg\("(\w+)"\)', src[start:end])
+    kind = "prefill" if "prefill" in name else "decode"
+    start = src.index(f"void def_{kind}(")
+    end = src.index("\n}\n", start)
+    last = re.search(rf'def_{kind}\(\s*m,\s*"{name}",\s*"[^"]*",\s*"(\w+)"', src)
+    assert last is not None, f"{name} is not bound with def_{kind}"
+    return re.findall(r'py::arg\("(\w+)"\)', src[start:end]) + [last.group(1)]
 
 
 class _Recorder:

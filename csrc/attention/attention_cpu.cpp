@@ -330,6 +330,28 @@ void run_decode_task(const DecodeArgs& a, DType dtype, int64_t b, int64_t kvh, S
   }
 }
 
+// task(i, scratch) for i < n_tasks, over `threads` OpenMP threads (tasks of unequal size:
+// handed out one at a time), each thread with its own scratch buffers.
+template <class F>
+void run_tasks(int64_t n_tasks, int64_t work, int threads, F&& task) {
+#if defined(_OPENMP)
+  if (threads > 1 && n_tasks > 1 && work >= cpu::MIN_PARALLEL_ELEMENTS) {
+#pragma omp parallel num_threads(threads)
+    {
+      Scratch w;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
+    }
+    return;
+  }
+#else
+  (void)threads;
+  (void)work;
+#endif
+  Scratch w;
+  for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
+}
+
 }  // namespace
 
 const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int threads) {
@@ -369,28 +391,9 @@ const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int thre
     run_task(p, dtype, t, len_q, len_k, tok_q, tok_k, w);
   };
   const int64_t work = n_tasks * BLOCK_Q * a.head_dim;
-#if defined(_OPENMP)
-  if (threads > 1 && n_tasks > 1 && work >= cpu::MIN_PARALLEL_ELEMENTS) {
-#pragma omp parallel num_threads(threads)
-    {
-      Scratch w;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
-    }
-    return nullptr;
-  }
-#else
-  (void)threads;
-  (void)work;
-#endif
-  Scratch w;
-  for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
+  run_tasks(n_tasks, work, threads, task);
   return nullptr;
 }
-
-}  // namespace fastllm
-
-namespace fastllm {
 
 const char* attention_decode_cpu(const DecodeArgs& a, int dtype_code, int threads) {
   const DType dtype = static_cast<DType>(dtype_code);
@@ -403,24 +406,11 @@ const char* attention_decode_cpu(const DecodeArgs& a, int dtype_code, int thread
     return "attention_decode_cpu: bad sizes";
   }
   const int64_t n_tasks = static_cast<int64_t>(a.batch) * a.heads_kv;
-  auto task = [&](int64_t i, Scratch& w) { run_decode_task(a, dtype, i / a.heads_kv, i % a.heads_kv, w); };
+  auto task = [&](int64_t i, Scratch& w) {
+    run_decode_task(a, dtype, i / a.heads_kv, i % a.heads_kv, w);
+  };
   const int64_t work = n_tasks * static_cast<int64_t>(a.capacity) * a.head_dim;
-#if defined(_OPENMP)
-  if (threads > 1 && n_tasks > 1 && work >= cpu::MIN_PARALLEL_ELEMENTS) {
-#pragma omp parallel num_threads(threads)
-    {
-      Scratch w;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
-    }
-    return nullptr;
-  }
-#else
-  (void)threads;
-  (void)work;
-#endif
-  Scratch w;
-  for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
+  run_tasks(n_tasks, work, threads, task);
   return nullptr;
 }
 
