@@ -1,7 +1,7 @@
-// Attention on the CPU (fastllm.ops.attention, backend "cpu"): the same contract as the
-// CUDA prefill kernel (PrefillArgs in attention/attention.h: padded or varlen, GQA,
-// bottom-right aligned causal and window masks, softcap, log-sum-exp), for
-// float32/float16/bfloat16 tensors in host memory, computed in float32.
+// Attention on the CPU (fastllm.ops.attention and decode_attention, backend "cpu"): the
+// same contract as the CUDA prefill kernel (PrefillArgs in attention/attention.h: padded
+// or varlen, GQA, bottom-right aligned causal and window masks, softcap, log-sum-exp),
+// for float32/float16/bfloat16 tensors in host memory, computed in float32.
 //
 // Built for many short sequences (a padded batch of sentences as varlen segments),
 // where PyTorch pays a call per sequence: here one call covers the batch. Tasks are
@@ -12,6 +12,10 @@
 //   S = Q K^T                                   (register-tiled loop nest)
 //   S = scale * S, -inf outside each row's keys; softcap * tanh(S / softcap) if softcap > 0
 //   P = exp(S - rowmax S),  O = (P V) / rowsum P,  lse = rowmax S + log(rowsum P)
+//
+// Decode (DecodeArgs, the CUDA decode contract with one split): a task is one sequence
+// and kv head with the q_len x group query rows that share it; its keys are copied as
+// rows (S^T = K Q^T) and paged caches are read through the block table.
 //
 // A row that sees no key gets out = 0 and lse = -inf. The reference is
 // fastllm/reference/attention.py.
