@@ -319,6 +319,18 @@ def test_cpu_kernel_is_chosen_for_short_varlen_sequences():
     _run("cpu", fastllm.ops.attention, x[None], x[None], x[None])
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="fastllm._C (C++ CPU kernels) is not built")
+def test_cpu_kernel_clamps_unvalidated_cu_seqlens():
+    # validate=False (or torch.compile) skips the cu_seqlens checks: bad values may give
+    # wrong rows but the kernel stays inside the packed tensors
+    q = torch.randn(7, 2, 16)
+    for bad in ([0, 5, 900], [0, 9, 3], [-4, 2, 7]):
+        cu = torch.tensor(bad, dtype=torch.int32)
+        out = _run("cpu", fastllm.ops.attention, q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                   max_seqlen_q=7, max_seqlen_k=7, validate=False)  # fmt: skip
+        assert out.shape == q.shape
+
+
 @pytest.mark.skipif(
     "cpu" not in DECODE_BACKENDS, reason="fastllm._C (C++ CPU kernels) is not built"
 )

@@ -23,6 +23,7 @@ namespace fastllm {
 struct PrefillArgs {
   uintptr_t q, k, v, out, lse;           // lse may be 0
   uintptr_t cu_seqlens_q, cu_seqlens_k;  // both 0 or both set
+  int64_t total_q, total_k;  // varlen: rows of the packed q and k (the CPU kernel clamps to them)
   int64_t q_stride_b, q_stride_s, q_stride_h;
   int64_t k_stride_b, k_stride_s, k_stride_h;
   int64_t v_stride_b, v_stride_s, v_stride_h;

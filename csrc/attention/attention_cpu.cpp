@@ -371,13 +371,20 @@ const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int thre
   const int32_t* cu_q = reinterpret_cast<const int32_t*>(a.cu_seqlens_q);
   const int32_t* cu_k = reinterpret_cast<const int32_t*>(a.cu_seqlens_k);
 
+  // Sequence b's rows of the packed q and k: [cu[b], cu[b + 1]) clamped to the packed
+  // tensors, so that cu_seqlens that were not validated (validate=False, or under
+  // torch.compile) can give wrong results but never a read or write out of bounds.
+  auto segment = [](const int32_t* cu, int64_t b, int64_t total, int64_t& start, int64_t& len) {
+    const int64_t lo = cu[b] < 0 ? 0 : (cu[b] > total ? total : cu[b]);
+    const int64_t hi = cu[b + 1] < lo ? lo : (cu[b + 1] > total ? total : cu[b + 1]);
+    start = lo;
+    len = hi - lo;
+  };
   // tasks: (sequence, head, block of query rows); sequences without queries have none
   std::vector<Task> tasks;
   for (int64_t b = 0; b < a.batch; ++b) {
-    const int64_t len_q = varlen ? cu_q[b + 1] - cu_q[b] : a.seqlen_q;
-    if (varlen && (len_q < 0 || cu_k[b + 1] < cu_k[b])) {
-      return "attention_prefill_cpu: cu_seqlens must be non-decreasing";
-    }
+    int64_t tok_q = 0, len_q = a.seqlen_q;
+    if (varlen) segment(cu_q, b, a.total_q, tok_q, len_q);
     for (int64_t h = 0; h < a.heads_q; ++h) {
       for (int64_t q0 = 0; q0 < len_q; q0 += BLOCK_Q) tasks.push_back({b, h, q0});
     }
@@ -385,10 +392,11 @@ const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int thre
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   auto task = [&](int64_t i, Scratch& w) {
     const Task& t = tasks[i];
-    const int64_t len_q = varlen ? cu_q[t.b + 1] - cu_q[t.b] : a.seqlen_q;
-    const int64_t len_k = varlen ? cu_k[t.b + 1] - cu_k[t.b] : a.seqlen_k;
-    const int64_t tok_q = varlen ? cu_q[t.b] : 0;
-    const int64_t tok_k = varlen ? cu_k[t.b] : 0;
+    int64_t tok_q = 0, len_q = a.seqlen_q, tok_k = 0, len_k = a.seqlen_k;
+    if (varlen) {
+      segment(cu_q, t.b, a.total_q, tok_q, len_q);
+      segment(cu_k, t.b, a.total_k, tok_k, len_k);
+    }
     // packed tensors: the batch stride is 0 and the token offset carries the sequence
     PrefillArgs p = a;
     if (varlen) p.q_stride_b = p.k_stride_b = p.v_stride_b = p.o_stride_b = p.lse_stride_b = 0;

@@ -14,7 +14,8 @@ namespace {
 using Strides = std::array<int64_t, 3>;
 
 PrefillArgs prefill_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-                         uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, Strides q_strides,
+                         uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, int64_t total_q,
+                         int64_t total_k, Strides q_strides,
                          Strides k_strides, Strides v_strides, Strides o_strides,
                          Strides lse_strides, int batch, int heads_q, int heads_kv, int head_dim,
                          int seqlen_q, int seqlen_k, float scale, float softcap, int window_left,
@@ -27,6 +28,8 @@ PrefillArgs prefill_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
   a.lse = lse;
   a.cu_seqlens_q = cu_seqlens_q;
   a.cu_seqlens_k = cu_seqlens_k;
+  a.total_q = total_q;
+  a.total_k = total_k;
   a.q_stride_b = q_strides[0], a.q_stride_s = q_strides[1], a.q_stride_h = q_strides[2];
   a.k_stride_b = k_strides[0], a.k_stride_s = k_strides[1], a.k_stride_h = k_strides[2];
   a.v_stride_b = v_strides[0], a.v_stride_s = v_strides[1], a.v_stride_h = v_strides[2];
@@ -90,19 +93,21 @@ void def_prefill(py::module_& m, const char* name, const char* doc, const char* 
   m.def(
       name,
       [launch](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-               uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, Strides q_strides,
-               Strides k_strides, Strides v_strides, Strides o_strides, Strides lse_strides,
+               uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, int64_t total_q, int64_t total_k,
+               Strides q_strides, Strides k_strides, Strides v_strides, Strides o_strides,
+               Strides lse_strides,
                int batch, int heads_q, int heads_kv, int head_dim, int seqlen_q, int seqlen_k,
                float scale, float softcap, int window_left, int window_right, int dtype,
                uintptr_t last_value) {
         const PrefillArgs a = prefill_args(
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_strides, k_strides, v_strides,
-            o_strides, lse_strides, batch, heads_q, heads_kv, head_dim, seqlen_q, seqlen_k, scale,
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, total_q, total_k, q_strides,
+            k_strides, v_strides, o_strides, lse_strides, batch, heads_q, heads_kv, head_dim, seqlen_q, seqlen_k, scale,
             softcap, window_left, window_right);
         launch(a, dtype, last_value);
       },
       doc, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
-      py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("q_strides"),
+      py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("total_q"), py::arg("total_k"),
+      py::arg("q_strides"),
       py::arg("k_strides"), py::arg("v_strides"), py::arg("o_strides"), py::arg("lse_strides"),
       py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("head_dim"),
       py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("scale"), py::arg("softcap"),

@@ -224,6 +224,8 @@ def prefill_arguments(
         lse=lse.data_ptr() if lse is not None else 0,
         cu_seqlens_q=cu_q.data_ptr() if varlen else 0,
         cu_seqlens_k=cu_k.data_ptr() if varlen else 0,
+        total_q=q.shape[0] if varlen else 0,
+        total_k=k.shape[0] if varlen else 0,
         q_strides=q_strides,
         k_strides=k_strides,
         v_strides=v_strides,
