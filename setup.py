@@ -69,27 +69,22 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def openmp_flag(cxx: str, tmp: Path) -> str | None:
-    """-fopenmp if `cxx` compiles and links an OpenMP program, else None (the C++ CPU
-    kernels then run on one thread)."""
-    src = tmp / "openmp_probe.cpp"
-    src.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
-    probe = subprocess.run(
-        [cxx, "-fopenmp", str(src), "-o", str(tmp / "openmp_probe")], capture_output=True
-    )
-    return "-fopenmp" if probe.returncode == 0 else None
-
-
-def cpu_clones_ok(cxx: str, tmp: Path) -> bool:
-    """Whether `cxx` builds per-ISA clones (csrc/cpu_utils.h: GCC >= 11 on x86-64 Linux);
-    without them the CPU kernels are compiled once, for the baseline ISA."""
-    src = tmp / "clones_probe.cpp"
-    src.write_text(
-        '__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))\n'
-        "int f(int x) { return x + 1; }\nint main() { return f(-1); }\n"
-    )
-    probe = subprocess.run([cxx, str(src), "-o", str(tmp / "clones_probe")], capture_output=True)
+def compiles(cxx: str, tmp: Path, name: str, source: str, flags: list[str]) -> bool:
+    """Whether `cxx` compiles and links the program `source` with `flags`."""
+    src = tmp / f"{name}.cpp"
+    src.write_text(source)
+    probe = subprocess.run([cxx, *flags, str(src), "-o", str(tmp / name)], capture_output=True)
     return probe.returncode == 0
+
+
+# -fopenmp works: otherwise the C++ CPU kernels run on one thread
+OPENMP_PROBE = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+# per-ISA clones (csrc/cpu_utils.h: GCC >= 11 on x86-64 Linux); otherwise the CPU kernels
+# are compiled once, for the baseline ISA
+CLONES_PROBE = (
+    '__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))\n'
+    "int f(int x) { return x + 1; }\nint main() { return f(-1); }\n"
+)
 
 
 def run(cmd: list[str]) -> None:
@@ -126,11 +121,12 @@ class BuildNative(build_ext):
 
         # the C++ CPU kernels split rows over OpenMP threads: PyTorch's own runtime, which
         # is loaded first under the same soname (libgomp.so.1)
-        openmp = openmp_flag(cxx, tmp)
-        if openmp is None:
+        omp = ["-fopenmp"] if compiles(cxx, tmp, "openmp_probe", OPENMP_PROBE, ["-fopenmp"]) else []
+        if not omp:
             print("warning: no OpenMP in the C++ compiler: fastllm's CPU kernels run on one thread")
-        omp = [openmp] if openmp else []
-        if sys.platform.startswith("linux") and not cpu_clones_ok(cxx, tmp):
+        if sys.platform.startswith("linux") and not compiles(
+            cxx, tmp, "clones_probe", CLONES_PROBE, []
+        ):
             print(
                 "warning: the C++ compiler builds no per-ISA clones: CPU kernels for baseline x86-64"
             )

@@ -28,6 +28,11 @@ namespace cpu {
 
 constexpr int64_t CHUNK = 256;  // elements per local buffer (1 KiB of floats)
 
+// The element types the CPU kernels take for float tensors.
+inline bool is_float_dtype(DType d) {
+  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
+}
+
 inline uint32_t float_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);

@@ -128,7 +128,7 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
 
         if device is not None and device.type != "cpu":
             return f"the cpu backend takes CPU tensors, got {device.type} tensors"
-        return native_cpu.device_reason()
+        return native_cpu.available_reason()
     if backend == "cuda":
         from fastllm import native
 

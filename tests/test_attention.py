@@ -323,12 +323,24 @@ def test_cpu_kernel_is_chosen_for_short_varlen_sequences():
 def test_cpu_kernel_clamps_unvalidated_cu_seqlens():
     # validate=False (or torch.compile) skips the cu_seqlens checks: bad values may give
     # wrong rows but the kernel stays inside the packed tensors
+    # a sequence's rows are [cu[b], cu[b+1]) clamped to the 7 packed rows: each bad list
+    # gives the result of the valid one it clamps to
     q = torch.randn(7, 2, 16)
-    for bad in ([0, 5, 900], [0, 9, 3], [-4, 2, 7]):
+    for bad, clamped in (([0, 5, 900], [0, 5, 7]), ([-4, 2, 7], [0, 2, 7])):
+        kw = dict(max_seqlen_q=7, max_seqlen_k=7)
         cu = torch.tensor(bad, dtype=torch.int32)
         out = _run("cpu", fastllm.ops.attention, q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                   max_seqlen_q=7, max_seqlen_k=7, validate=False)  # fmt: skip
-        assert out.shape == q.shape
+                   validate=False, **kw)  # fmt: skip
+        cu = torch.tensor(clamped, dtype=torch.int32)
+        ref = _run("cpu", fastllm.ops.attention, q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, **kw)
+        assert torch.equal(out, ref), bad
+    # a decreasing end: sequence 1 is empty (its rows are left as they are), sequence 0
+    # ends at the packed length
+    cu = torch.tensor([0, 9, 3], dtype=torch.int32)
+    out = _run("cpu", fastllm.ops.attention, q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu,
+               max_seqlen_q=7, max_seqlen_k=7, validate=False)  # fmt: skip
+    one = _run("cpu", fastllm.ops.attention, q[None], q[None], q[None])
+    assert torch.equal(out, one[0])
 
 
 @pytest.mark.skipif(

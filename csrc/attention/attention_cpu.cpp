@@ -138,6 +138,22 @@ FASTLLM_CPU_CLONES void scale_row(float* x, int64_t n, float f) {
   for (int64_t j = 0; j < n; ++j) x[j] *= f;
 }
 
+// One row of scores s (keys first .. first + n - 1; the row sees [lo, hi), lo < hi) to
+// probabilities p (may be s itself): masked, scaled, softcapped, exp(s - max). Returns
+// the row's log-sum-exp and sets *inv to 1 / sum p.
+float softmax_row(float* s, int64_t n, int64_t first, int64_t lo, int64_t hi, float scale,
+                  float softcap, float* p, float* inv) {
+  mask_and_scale(s, n, first, lo, hi, scale);
+  if (softcap > 0.0f) {
+    for (int64_t j = lo - first; j < hi - first; ++j) s[j] = softcap * std::tanh(s[j] / softcap);
+  }
+  const float m = max_of(s, n);
+  exp_shifted(s, m, n, p);  // masked keys: exp(-inf) = 0
+  const float sum = sum_of(p, n);
+  *inv = 1.0f / sum;
+  return m + std::log(sum);
+}
+
 // One range of keys [lo, hi) per query row, from the window rule of attention.h.
 void key_range(int64_t pos, int64_t seqlen_k, int window_left, int window_right, int64_t& lo,
                int64_t& hi) {
@@ -215,17 +231,7 @@ void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q, i
       for (int64_t j = 0; j < np; ++j) s[j] = 0.0f;
       w.inv[r] = 0.0f;
     } else {
-      mask_and_scale(s, np, first, lo, hi, a.scale);
-      if (a.softcap > 0.0f) {
-        for (int64_t j = lo - first; j < hi - first; ++j) {
-          s[j] = a.softcap * std::tanh(s[j] / a.softcap);
-        }
-      }
-      const float m = max_of(s, np);
-      exp_shifted(s, m, np, s);  // masked keys: exp(-inf) = 0
-      const float sum = sum_of(s, np);
-      w.inv[r] = 1.0f / sum;
-      row_lse = m + std::log(sum);
+      row_lse = softmax_row(s, np, first, lo, hi, a.scale, a.softcap, s, &w.inv[r]);
     }
     if (lse != nullptr && r < rows) {
       lse[t.b * a.lse_stride_b + t.h * a.lse_stride_h + (tok_q + t.q0 + r) * a.lse_stride_row] =
@@ -314,15 +320,7 @@ void run_decode_task(const DecodeArgs& a, DType dtype, int64_t b, int64_t kvh, S
     if (lo >= hi) continue;  // no key: p = 0, out = 0
     float* s = w.row.data();
     for (int64_t j = 0; j < n; ++j) s[j] = w.s[j * rc + r];
-    mask_and_scale(s, n, first, lo, hi, a.scale);
-    if (a.softcap > 0.0f) {
-      for (int64_t j = lo - first; j < hi - first; ++j) {
-        s[j] = a.softcap * std::tanh(s[j] / a.softcap);
-      }
-    }
-    const float m = max_of(s, n);
-    exp_shifted(s, m, n, p.data() + r * n);
-    w.inv[r] = 1.0f / sum_of(p.data() + r * n, n);
+    softmax_row(s, n, first, lo, hi, a.scale, a.softcap, p.data() + r * n, &w.inv[r]);
   }
   matmul_tiles(p.data(), w.v.data(), rp, n, dp, w.o.data());  // O = P V
   for (int64_t r = 0; r < R; ++r) {
@@ -360,7 +358,7 @@ void run_tasks(int64_t n_tasks, int64_t work, int threads, F&& task) {
 
 const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int threads) {
   const DType dtype = static_cast<DType>(dtype_code);
-  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
+  if (!cpu::is_float_dtype(dtype)) {
     return "attention_prefill_cpu: dtype must be float32, float16 or bfloat16";
   }
   if (a.batch < 0 || a.heads_q <= 0 || a.heads_kv <= 0 || a.heads_q % a.heads_kv != 0 ||
@@ -409,7 +407,7 @@ const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int thre
 
 const char* attention_decode_cpu(const DecodeArgs& a, int dtype_code, int threads) {
   const DType dtype = static_cast<DType>(dtype_code);
-  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
+  if (!cpu::is_float_dtype(dtype)) {
     return "attention_decode_cpu: dtype must be float32, float16 or bfloat16";
   }
   if (a.batch < 0 || a.q_len < 0 || a.heads_q <= 0 || a.heads_kv <= 0 ||

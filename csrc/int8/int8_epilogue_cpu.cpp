@@ -32,18 +32,6 @@ FASTLLM_CPU_CLONES void scale_chunk(const int32_t* acc, float xs, const float* w
   }
 }
 
-float load_float(const void* p, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kFloat16: return cpu::half_to_float(static_cast<const uint16_t*>(p)[i]);
-    case DType::kBFloat16: return cpu::bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-bool is_float_dtype(DType d) {
-  return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
-}
-
 }  // namespace
 
 const char* int8_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale, uintptr_t w_scale,
@@ -51,8 +39,10 @@ const char* int8_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale, 
                               int64_t ld_out, int64_t M, int64_t N, int threads) {
   const DType odt = static_cast<DType>(out_dtype);
   const DType bdt = static_cast<DType>(bias_dtype);
-  if (!is_float_dtype(odt)) return "int8_epilogue_cpu: out dtype must be float32, float16 or bfloat16";
-  if (bias != 0 && !is_float_dtype(bdt)) {
+  if (!cpu::is_float_dtype(odt)) {
+    return "int8_epilogue_cpu: out dtype must be float32, float16 or bfloat16";
+  }
+  if (bias != 0 && !cpu::is_float_dtype(bdt)) {
     return "int8_epilogue_cpu: bias dtype must be float32, float16 or bfloat16";
   }
   if (M < 0 || N < 0 || ld_acc < N || ld_out < N) {
@@ -71,7 +61,7 @@ const char* int8_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale, 
   std::vector<float> bias_f;  // the bias as float32, once per call
   if (bias != 0) {
     bias_f.resize(static_cast<size_t>(N));
-    for (int64_t n = 0; n < N; ++n) bias_f[n] = load_float(reinterpret_cast<const void*>(bias), bdt, n);
+    cpu::load_row(reinterpret_cast<const void*>(bias), bdt, N, bias_f.data());
   }
   const float* b = bias != 0 ? bias_f.data() : nullptr;
 

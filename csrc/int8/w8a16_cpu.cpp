@@ -7,7 +7,6 @@
 // float32 in registers (16 at a time), and used for up to ROWS rows of x at once, so the
 // matmul moves a quarter of a float32 weight's bytes. Output channels are split over
 // PyTorch's OpenMP threads. The reference is fastllm/reference/int8.py.
-#include <cstring>
 #include <vector>
 
 #include "cpu_utils.h"
@@ -19,18 +18,18 @@ namespace {
 
 constexpr int64_t LANES = 16;
 constexpr int64_t ROWS = 4;  // rows of x per pass over a weight row
-typedef float Floats __attribute__((vector_size(LANES * sizeof(float))));
+// LANES floats as one GCC/Clang vector (one AVX-512 register, two AVX2 ones, ...), at any
+// float-aligned address: a vector type may alias its element type.
+typedef float Floats
+    __attribute__((vector_size(LANES * sizeof(float)), aligned(alignof(float))));
 
-inline __attribute__((always_inline)) float hsum(Floats v) {
+// The LANES floats at p, read as one vector (no copy: a reference into memory).
+inline const Floats& at(const float* p) { return *reinterpret_cast<const Floats*>(p); }
+
+inline float hsum(const Floats& v) {
   float s = 0.0f;
   for (int64_t l = 0; l < LANES; ++l) s += v[l];
   return s;
-}
-
-inline __attribute__((always_inline)) Floats load_floats(const float* p) {
-  Floats v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
 }
 
 constexpr int64_t CHUNK = 256;  // weights converted to float32 at a time (a local buffer)
@@ -54,16 +53,16 @@ FASTLLM_CPU_CLONES void dot_rows(const float* x, const int8_t* w, int64_t K, int
     const int64_t nv = n / LANES * LANES;
     const float* x0 = x + k0;
     if (rows == 1) {
-      for (int64_t j = 0; j < nv; j += LANES) a0 += load_floats(x0 + j) * load_floats(wf + j);
+      for (int64_t j = 0; j < nv; j += LANES) a0 += at(x0 + j) * at(wf + j);
       for (int64_t j = nv; j < n; ++j) t0 += x0[j] * wf[j];
       continue;
     }
     for (int64_t j = 0; j < nv; j += LANES) {
-      const Floats wv = load_floats(wf + j);
-      a0 += load_floats(x0 + j) * wv;
-      a1 += load_floats(x0 + K + j) * wv;
-      a2 += load_floats(x0 + 2 * K + j) * wv;
-      a3 += load_floats(x0 + 3 * K + j) * wv;
+      const Floats& wv = at(wf + j);
+      a0 += at(x0 + j) * wv;
+      a1 += at(x0 + K + j) * wv;
+      a2 += at(x0 + 2 * K + j) * wv;
+      a3 += at(x0 + 3 * K + j) * wv;
     }
     for (int64_t j = nv; j < n; ++j) {
       t0 += x0[j] * wf[j];
@@ -86,10 +85,10 @@ const char* int8_w8a16_cpu(uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, i
                            int64_t ldo, int64_t M, int64_t N, int64_t K, int threads) {
   const DType xdt = static_cast<DType>(x_dtype);
   const DType bdt = static_cast<DType>(bias_dtype);
-  if (xdt != DType::kFloat32 && xdt != DType::kFloat16 && xdt != DType::kBFloat16) {
+  if (!cpu::is_float_dtype(xdt)) {
     return "int8_w8a16_cpu: x dtype must be float32, float16 or bfloat16";
   }
-  if (bias != 0 && bdt != DType::kFloat32 && bdt != DType::kFloat16 && bdt != DType::kBFloat16) {
+  if (bias != 0 && !cpu::is_float_dtype(bdt)) {
     return "int8_w8a16_cpu: bias dtype must be float32, float16 or bfloat16";
   }
   if (M < 0 || N < 0 || K < 0 || ldx < K || ldw < K || ldo < N) {

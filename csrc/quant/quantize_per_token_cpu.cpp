@@ -113,7 +113,7 @@ const char* quantize_per_token_cpu(uintptr_t x, int x_dtype, int64_t rows, int64
                                    int64_t stride_x_row, uintptr_t smooth, uintptr_t x_int8,
                                    uintptr_t scale, int threads) {
   const DType dtype = static_cast<DType>(x_dtype);
-  if (dtype != DType::kFloat32 && dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
+  if (!cpu::is_float_dtype(dtype)) {
     return "quantize_per_token_cpu: x dtype must be float32, float16 or bfloat16";
   }
   if (rows < 0 || cols < 0 || stride_x_row < 0) {  // rows may overlap (an expanded x)

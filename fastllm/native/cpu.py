@@ -19,15 +19,22 @@ from __future__ import annotations
 import torch
 
 from fastllm import native
+from fastllm.native.int8 import bias_args
 
 
-def device_reason(*tensors: torch.Tensor | None) -> str | None:
-    """None when the C++ CPU kernels can take these tensors."""
+def available_reason() -> str | None:
+    """None when fastllm._C is loaded with its CPU kernels (backend.unavailable_reason asks
+    this before any `supports_*` below is called)."""
     err = native.load_error()
     if err is not None:
         return f"fastllm._C is not available ({err})"
     if not hasattr(native.module(), "quantize_per_token_cpu"):
         return "this build of fastllm._C has no CPU kernels (rebuild it)"
+    return None
+
+
+def device_reason(*tensors: torch.Tensor | None) -> str | None:
+    """None when these tensors are all in host memory."""
     for t in tensors:
         if t is not None and t.device.type != "cpu":
             return f"the cpu backend takes CPU tensors, got {t.device}"
@@ -81,8 +88,7 @@ def epilogue(
         N,
         x_scale.data_ptr(),
         w_scale.data_ptr(),
-        bias.data_ptr() if bias is not None else 0,
-        native.dtype_code(bias) if bias is not None else -1,
+        *bias_args(bias),
         out.data_ptr(),
         native.dtype_code(out),
         N,
@@ -151,8 +157,7 @@ def w8a16_linear(x, w_int8, w_scale, bias=None) -> torch.Tensor:
         w_int8.data_ptr(),
         w_int8.stride(0),
         w_scale.data_ptr(),
-        bias.data_ptr() if bias is not None else 0,
-        native.dtype_code(bias) if bias is not None else -1,
+        *bias_args(bias),
         out.data_ptr(),
         N,
         M,
