@@ -21,33 +21,28 @@ from fastllm import hf  # noqa: E402
 from fastllm._sentences import SENTENCES  # noqa: E402
 
 
-def _llama(**kw):
-    cfg = transformers.LlamaConfig(
+def _small_causal(config_cls, model_cls, kv_heads: int, **kw):
+    """A 2-layer Llama-shaped model (hidden 64, 4 query heads) with random weights."""
+    cfg = config_cls(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         vocab_size=128,
         max_position_embeddings=128,
         pad_token_id=0,
         **kw,
     )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return model_cls(cfg).eval()
+
+
+def _llama(**kw):
+    return _small_causal(transformers.LlamaConfig, transformers.LlamaForCausalLM, 2, **kw)
 
 
 def _qwen2():
-    cfg = transformers.Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        vocab_size=128,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    return transformers.Qwen2ForCausalLM(cfg).eval()
+    return _small_causal(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, 1)
 
 
 def _gpt2():

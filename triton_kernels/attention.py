@@ -49,6 +49,26 @@ def _softcap(s, softcap):
 
 
 @triton.jit
+def _scores(q, k, scale, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """q k^T in log2 units: scaled (and softcapped) scores times log2(e)."""
+    s = tl.dot(q, k)
+    if HAS_SOFTCAP:
+        return _softcap(s * scale, softcap) * 1.4426950408889634
+    return s * qk_scale
+
+
+@triton.jit
+def _masked(s, k_ok, kpos, qpos, window_left, window_right):
+    """s where key kpos exists and lies in query qpos's window (attention.h's rule), else -inf."""
+    keep = (
+        k_ok[None, :]
+        & ((window_right < 0) | (kpos[None, :] <= qpos[:, None] + window_right))
+        & ((window_left < 0) | (kpos[None, :] >= qpos[:, None] - window_left))
+    )
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
 def _attn_tiles(
     acc, l_i, m_i, q, k_base, v_base, qpos, start, end,
     sk, stride_ks, stride_vs, head_dim, scale, softcap, window_left, window_right,
@@ -84,18 +104,9 @@ def _attn_tiles(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, k)
-        if HAS_SOFTCAP:
-            s = _softcap(s * scale, softcap) * 1.4426950408889634
-        else:
-            s = s * qk_scale
+        s = _scores(q, k, scale, qk_scale, softcap, HAS_SOFTCAP)
         if MASKED:
-            keep = (
-                k_ok[None, :]
-                & ((window_right < 0) | (kpos[None, :] <= qpos[:, None] + window_right))
-                & ((window_left < 0) | (kpos[None, :] >= qpos[:, None] - window_left))
-            )
-            s = tl.where(keep, s, float("-inf"))
+            s = _masked(s, k_ok, kpos, qpos, window_left, window_right)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -374,17 +385,8 @@ def _decode_split_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, k)
-        if HAS_SOFTCAP:
-            s = _softcap(s * scale, softcap) * 1.4426950408889634
-        else:
-            s = s * qk_scale
-        keep = (
-            k_ok[None, :]
-            & ((window_right < 0) | (kpos[None, :] <= qpos[:, None] + window_right))
-            & ((window_left < 0) | (kpos[None, :] >= qpos[:, None] - window_left))
-        )
-        s = tl.where(keep, s, float("-inf"))
+        s = _scores(q, k, scale, qk_scale, softcap, HAS_SOFTCAP)
+        s = _masked(s, k_ok, kpos, qpos, window_left, window_right)
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
