@@ -11,9 +11,11 @@ layer its fastllm module type and constructor arguments.
 `load` takes the float model (or, for transformers models, its config), swaps the same
 layers with the recorded arguments (no calibration data needed: the recorded tensors
 replace whatever the constructors compute), checks every tensor of the file against the
-rebuilt model — name, shape, dtype, and that the file holds all its bytes — and only
-then copies them in. Any mismatch raises ValueError naming the file and the tensor, and
-undoes the swaps: the model is never left half loaded.
+rebuilt model — name, shape, dtype, that the file holds all its bytes, and the values
+the kernels trust (index ranges, 2:4 metadata, scales finite and > 0) — and only then
+copies them in. Every field of both files is type-checked, and "weights" must name a
+file inside the directory. Any problem raises ValueError naming the file and the key or
+tensor, and undoes the swaps: a failed load leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from fastllm.sparse.format import BlockSparseWeight, check_block_sparse, decompress_24
 
 FORMAT = "fastllm"
 VERSION = 1
@@ -154,25 +158,143 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 # --- load ----------------------------------------------------------------------------------
 
 
+_REQUIRED = object()
+
+# what fastllm.load rebuilds: {"kind" of a layer in fastllm.json: its possible "type"s}
+_LAYER_TYPES = {
+    "layer": ("FusedTransformerEncoderLayer",),
+    "attention": ("FusedMultiheadAttention",),
+    "linear": ("Int8Linear", "Sparse24Linear", "BlockSparseLinear"),
+}
+
+
+def _show(value) -> str:
+    """repr of a value read from a file, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field(obj: dict, key: str, ok, expected: str, where, default=_REQUIRED):
+    """obj[key] if ok(obj[key]), `default` if the key is absent and has one; else
+    ValueError naming `where`, the key, the value found and what was `expected`."""
+    if key not in obj:
+        if default is _REQUIRED:
+            raise ValueError(f'{where}: "{key}" is missing; expected {expected}')
+        return default
+    if not ok(obj[key]):
+        raise ValueError(f'{where}: "{key}" is {_show(obj[key])}; expected {expected}')
+    return obj[key]
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_dict(v) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_float_dtype(v) -> bool:
+    dtype = getattr(torch, v, None) if isinstance(v, str) else None
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def _is_block_size(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(type(b) is int and b > 0 for b in v)
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)
+
+
+def _is_offsets(v) -> bool:
+    return (
+        isinstance(v, list) and len(v) == 2 and all(type(o) is int for o in v) and 0 <= v[0] <= v[1]
+    )
+
+
+def _is_relative_name(v) -> bool:
+    return (
+        isinstance(v, str)
+        and "\0" not in v
+        and bool(Path(v).parts)
+        and not Path(v).is_absolute()
+        and ".." not in Path(v).parts
+    )
+
+
+def _one_of(choices: tuple):
+    return lambda v: v in choices
+
+
 def _read_meta(directory: Path) -> dict:
+    """fastllm.json, with every field `load` reads type-checked ("weights": _weights_path)."""
+    from fastllm.backend import BACKENDS
+    from fastllm.nn.int8 import MODES
+
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {directory} a fastllm.save directory?")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a fastllm save file (format {meta.get('format')!r})")
-    if meta.get("version") != VERSION:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: holds {_show(meta)}; expected a JSON object")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a fastllm save file (format {_show(meta.get('format'))})")
+    if type(meta.get("version")) is not int or meta["version"] != VERSION:
         raise ValueError(
-            f"{path}: format version {meta.get('version')!r} is not one this fastllm reads "
+            f"{path}: format version {_show(meta.get('version'))} is not one this fastllm reads "
             f"(it reads version {VERSION}); save it again with this version"
         )
-    for key in ("options", "modules", "aliases", "weights"):
-        if key not in meta:
-            raise ValueError(f"{path}: field {key!r} is missing")
+    options = _field(meta, "options", _is_dict, "an object", path)
+    _field(options, "backend", _one_of((None, *BACKENDS)), f"null or one of {BACKENDS}", path, None)
+    _field(meta, "calibration", _is_str, "a string", path, "none")
+    _field(meta, "hf_attention", _is_bool, "true or false", path, False)
+    _field(meta, "aliases", lambda v: _is_dict(v) and all(map(_is_str, v.values())),
+           "an object mapping tensor names to tensor names", path)  # fmt: skip
+    _field(meta, "extra_state", _is_dict, "an object", path, {})
+    _field(meta, "dtype", _is_float_dtype, "a torch float dtype such as 'float16'", path, "float32")
+    _field(meta, "hf", lambda v: v is None or (_is_dict(v) and _is_str(v.get("class"))),
+           'null or an object with a "class" string', path, None)  # fmt: skip
+    for name, info in _field(meta, "modules", _is_dict, "an object", path).items():
+        where = f"{path}: layer {name!r}"
+        if not isinstance(info, dict):
+            raise ValueError(f"{where} is {_show(info)}; expected an object")
+        kinds = tuple(_LAYER_TYPES)
+        kind = _field(info, "kind", _one_of(kinds), f"one of {kinds}", where)
+        types = _LAYER_TYPES[kind]
+        typ = _field(info, "type", _one_of(types), f"one of {types}", where)
+        _field(info, "from", _is_str, "a string", where)
+        args = _field(info, "args", _is_dict, "an object", where, {})
+        if typ == "Int8Linear":
+            _field(args, "mode", _one_of(MODES), f"one of {MODES}", where)
+            _field(args, "smooth", _is_bool, "true or false", where, False)
+        elif typ == "Sparse24Linear":
+            _field(args, "int8", _is_bool, "true or false", where, False)
+        elif typ == "BlockSparseLinear":
+            _field(args, "block_size", _is_block_size, "[bn, bk], two ints > 0", where, None)
     return meta
+
+
+def _weights_path(directory: Path, meta: dict) -> Path:
+    """The weights file fastllm.json names: a file inside `directory` (not an absolute
+    path, no "..", not a link to a file elsewhere), or ValueError."""
+    where, expected = directory / CONFIG_FILE, f"a file name inside {directory}/"
+    name = _field(meta, "weights", _is_relative_name, expected, where)
+    path = directory / name
+    real, root = path.resolve(), directory.resolve()
+    if real == root or not real.is_relative_to(root):
+        raise ValueError(
+            f'{where}: "weights" is {name!r}, which resolves to {real}, outside {directory}/; '
+            f"expected {expected}"
+        )
+    return path
 
 
 def read_header(path: Path) -> dict[str, dict]:
@@ -192,9 +314,19 @@ def read_header(path: Path) -> dict[str, dict]:
             )
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep
             raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is {_show(header)}; expected a JSON object")
+    _field(header, "__metadata__", lambda v: v is None or _is_dict(v), "an object", path, None)
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise ValueError(f"{where} is {_show(info)}; expected an object")
+        _field(info, "dtype", _is_str, "a string such as 'F32'", where)
+        _field(info, "shape", _is_shape, "a list of ints >= 0", where)
+        _field(info, "data_offsets", _is_offsets, "[begin, end], ints 0 <= begin <= end", where)
     data = size - 8 - n
     for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         if info["data_offsets"][1] > data:
@@ -215,13 +347,13 @@ def _model_from_config(config, meta: dict, directory: Path) -> nn.Module:
     import transformers
 
     cls = getattr(transformers, hf_meta["class"], None)
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(
             f"{directory / CONFIG_FILE}: model class {hf_meta['class']!r} is not in this "
             f"transformers {transformers.__version__}"
         )
     model = cls(config)
-    dtype = getattr(torch, meta.get("dtype", "float32"))
+    dtype = getattr(torch, meta.get("dtype", "float32"))  # a float dtype: _read_meta checked
     return model.to(dtype).eval()
 
 
@@ -239,7 +371,7 @@ def load(model_or_config, directory: str | os.PathLike) -> nn.Module:
     _opt = _optimize_module()
     directory = Path(directory)
     meta = _read_meta(directory)
-    weights = directory / meta["weights"]
+    weights = _weights_path(directory, meta)
     header = read_header(weights)
 
     if isinstance(model_or_config, nn.Module):
@@ -289,6 +421,7 @@ def load(model_or_config, directory: str | os.PathLike) -> nn.Module:
 
         tensors = _read_checked(model, weights, header, meta["aliases"])
         extra = _check_extra(model, meta.get("extra_state", {}), directory)
+        _check_values(model, tensors, meta["aliases"], weights)
     except BaseException:
         _undo(swaps)
         if previous_attn is not None:
@@ -304,7 +437,7 @@ def load(model_or_config, directory: str | os.PathLike) -> nn.Module:
         if isinstance(m, nn.TransformerEncoder) and swaps:
             m.use_nested_tensor = False
     model.eval()
-    if meta["options"].get("backend"):
+    if meta["options"].get("backend") is not None:
         _opt._force_backend(model, meta["options"]["backend"])
     model._fastllm_report = rep
     return model
@@ -428,3 +561,67 @@ def _read_checked(model: nn.Module, weights: Path, header: dict, aliases: dict) 
     except Exception as e:  # safetensors raises its own error type
         raise ValueError(f"{weights}: cannot read tensor data ({e})") from None
     return out
+
+
+# --- the values the kernels trust, checked in the file's tensors (one function per type) ----
+
+
+def _check_scales(name: str, t: torch.Tensor) -> None:
+    bad = (~(torch.isfinite(t) & (t > 0))).flatten().nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(
+            f"tensor {name!r} holds {t.flatten()[i].item()} at index {i}; "
+            "expected finite scales > 0"
+        )
+
+
+def _check_int8_linear(m: nn.Module, layer: str, tensor) -> None:
+    _check_scales(*tensor("weight_scale"))
+    if m.smooth_scale is not None:  # SmoothQuant's factors, the input is divided by them
+        _check_scales(*tensor("smooth_scale"))
+
+
+def _check_sparse24_linear(m: nn.Module, layer: str, tensor) -> None:
+    (_, values), (name, metadata) = tensor("values"), tensor("metadata")
+    try:
+        decompress_24(values, metadata, m.in_features)  # checks each group's two indices
+    except ValueError as e:
+        raise ValueError(f"tensor {name!r}: {e}") from None
+    if m.int8:
+        _check_scales(*tensor("weight_scale"))
+
+
+def _check_block_sparse_linear(m: nn.Module, layer: str, tensor) -> None:
+    crow, col, blocks = (tensor(b)[1] for b in ("crow_indices", "col_indices", "blocks"))
+    bsw = BlockSparseWeight(crow, col, blocks, (m.out_features, m.in_features), m.block_size)
+    try:
+        check_block_sparse(bsw)  # crow from 0 to nnz, never decreasing; columns in range
+    except ValueError as e:
+        raise ValueError(f"layer {layer!r}: {e}") from None
+
+
+_VALUE_CHECKS = {
+    "Int8Linear": _check_int8_linear,
+    "Sparse24Linear": _check_sparse24_linear,
+    "BlockSparseLinear": _check_block_sparse_linear,
+}
+
+
+def _check_values(model: nn.Module, tensors: dict, aliases: dict, weights: Path) -> None:
+    """ValueError naming the file and the tensor where the file's indices, metadata or
+    scales for a rebuilt layer are ones its kernels cannot take."""
+    for layer, m in model.named_modules():
+        check = _VALUE_CHECKS.get(type(m).__name__)
+        if check is None:
+            continue
+
+        def tensor(buffer, layer=layer):
+            name = f"{layer}.{buffer}" if layer else buffer
+            name = aliases.get(name, name)
+            return name, tensors[name]
+
+        try:
+            check(m, layer, tensor)
+        except ValueError as e:
+            raise ValueError(f"{weights}: {e}") from None
