@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # CPU build of PyTorch (override: make TORCH="torch==X.Y.Z"); on a CUDA machine see the README.
 TORCH  ?= torch==2.13.0
 
-.PHONY: all install build run test lint format bench gpu-check clean
+.PHONY: all install build run test asan lint format bench gpu-check clean
 
 all: test
 
@@ -35,6 +35,17 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# the C++ CPU kernels built with AddressSanitizer (a build of their own, under build/asan),
+# run against the robustness tests: an out-of-bounds access is a failure, not a wrong number
+ASAN_TESTS ?= tests/test_robustness.py
+asan: install
+	FASTLLM_NO_CUDA=1 FASTLLM_SANITIZE=address $(PY) setup.py -q build_ext \
+		--build-lib build/asan --build-temp build/asan/tmp
+	FASTLLM_NATIVE_LIB="$$(ls build/asan/fastllm/_C*.so)" \
+	LD_PRELOAD="$$($${CXX:-g++} -print-file-name=libasan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	$(PY) -m pytest -q -p no:cacheprovider $(ASAN_TESTS)
 
 lint: install
 	$(VENV)/bin/ruff check .

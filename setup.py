@@ -132,6 +132,11 @@ class BuildNative(build_ext):
             )
             defines.append("-DFASTLLM_CPU_NO_CLONES")
 
+        # FASTLLM_SANITIZE=address (make asan): the C++ kernels under AddressSanitizer, for
+        # the robustness tests; a build of its own (FASTLLM_NATIVE_LIB loads it)
+        sanitize = os.environ.get("FASTLLM_SANITIZE", "")
+        san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"] if sanitize else []
+
         jobs = []
         for src in sorted(CSRC.rglob("*.cpp")):
             obj = tmp / (src.relative_to(CSRC).as_posix().replace("/", "_") + ".o")
@@ -147,6 +152,7 @@ class BuildNative(build_ext):
                     # floating-point compares may become vector selects (no trap handlers)
                     "-ffp-contract=off",
                     "-fno-trapping-math",
+                    *san,
                     *omp,
                     *includes,
                     *defines,
@@ -184,7 +190,7 @@ class BuildNative(build_ext):
             host = ",".join(["-fPIC", *omp])
             link = [nvcc, "-shared", "-cudart=static", "-Xcompiler", host, *objs, "-o", str(out)]
         else:
-            link = [cxx, "-shared", *omp, *objs, "-o", str(out)]
+            link = [cxx, "-shared", *san, *omp, *objs, "-o", str(out)]
         if sys.platform == "darwin":
             link += ["-undefined", "dynamic_lookup"]
         run(link)

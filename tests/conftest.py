@@ -1,7 +1,9 @@
 """Test set-up shared by every test file.
 
 Without a GPU, Triton kernels run under the interpreter on CPU tensors: the
-variable must be set before triton is first imported, so it is set here.
+variable must be set before triton is first imported, so it is set here. The interpreter
+is not thread-safe: tests that call ops from several threads keep the triton backend
+out of them (compiled Triton on a GPU has no such limit).
 """
 
 import os

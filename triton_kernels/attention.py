@@ -31,7 +31,13 @@ dot operands are upcast to fp32 (UPCAST), as its bf16 dot is wrong.
 Memory safety without host synchronisation: sequence lengths read from device memory
 (cu_seqlens, cache_seqlens) are clamped to the sizes of the tensors, and block ids
 outside [0, num_blocks) are masked out (those keys are skipped), so bad values give
-wrong numbers in their rows, never an out-of-bounds access.
+wrong numbers in their rows, never an out-of-bounds access. Varlen rows that no sequence
+covers are left as the launcher allocated them: 0, lse -inf. Index tensors arrive
+contiguous int32 (fastllm.ops makes them so).
+
+Non-finite values: tiles that carry a mask multiply the values by p = 0 for the keys a
+row does not see, and 0 * inf = NaN; `_masked_pv` keeps such keys out of every row that
+does not see them (the extra work runs only for a tile holding an inf/NaN value).
 """
 
 import functools
@@ -58,14 +64,33 @@ def _scores(q, k, scale, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _masked(s, k_ok, kpos, qpos, window_left, window_right):
-    """s where key kpos exists and lies in query qpos's window (attention.h's rule), else -inf."""
-    keep = (
+def _keep(k_ok, kpos, qpos, window_left, window_right):
+    """Whether key kpos exists and lies in query qpos's window (attention.h's rule)."""
+    return (
         k_ok[None, :]
         & ((window_right < 0) | (kpos[None, :] <= qpos[:, None] + window_right))
         & ((window_left < 0) | (kpos[None, :] >= qpos[:, None] - window_left))
     )
-    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _masked_pv(p, v, keep):
+    """p @ v over the keys each row keeps, for a tile with a mask. In a plain dot a masked
+    key (p = 0) whose value is inf or NaN gives 0 * inf = NaN and poisons the row; here
+    non-finite values are left out of the dot and, only for the keys a row keeps, added
+    back by IEEE rules (p * inf = inf for p > 0, 0 * inf = NaN, inf - inf = NaN). The extra
+    dots run only for a tile that holds a non-finite value."""
+    finite = (v == v) & (tl.abs(v) < float("inf"))
+    pv = tl.dot(p.to(v.dtype), tl.where(finite, v, 0.0))
+    if tl.sum(tl.sum((~finite).to(tl.int32), 1), 0) > 0:
+        kept = keep.to(v.dtype)
+        positive = (keep & (p > 0)).to(v.dtype)
+        nan = tl.dot(kept, (v != v).to(v.dtype))
+        nan += tl.dot(kept - positive, (tl.abs(v) == float("inf")).to(v.dtype))
+        pv = tl.where(nan > 0, float("nan"), pv)
+        pv = tl.where(tl.dot(positive, (v == float("inf")).to(v.dtype)) > 0, pv + float("inf"), pv)
+        pv = tl.where(tl.dot(positive, (v == float("-inf")).to(v.dtype)) > 0, pv - float("inf"), pv)
+    return pv
 
 
 @triton.jit
@@ -106,13 +131,17 @@ def _attn_tiles(
             v = v.to(tl.float32)
         s = _scores(q, k, scale, qk_scale, softcap, HAS_SOFTCAP)
         if MASKED:
-            s = _masked(s, k_ok, kpos, qpos, window_left, window_right)
+            keep = _keep(k_ok, kpos, qpos, window_left, window_right)
+            s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if MASKED:
+            acc = acc * alpha[:, None] + _masked_pv(p, v, keep)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -255,14 +284,16 @@ def attention(
     varlen = cu_seqlens_q is not None
     head_dim = q.shape[-1]
     hq, hkv = q.shape[-2], k.shape[-2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if varlen:
+        # packed rows that no sequence covers (cu_seqlens left unchecked) come back 0, -inf
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         batch = cu_seqlens_q.shape[0] - 1
         seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
-        lse = torch.empty((hq, q.shape[0]), dtype=torch.float32, device=q.device)
+        lse = torch.full((hq, q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
         q4, k4, v4, o4 = q[None], k[None], v[None], out[None]
         stride_lb, stride_lh = 0, lse.stride(0)
     else:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         lse = torch.empty((batch, hq, seqlen_q), dtype=torch.float32, device=q.device)
         q4, k4, v4, o4 = q, k, v, out
@@ -386,14 +417,15 @@ def _decode_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _scores(q, k, scale, qk_scale, softcap, HAS_SOFTCAP)
-        s = _masked(s, k_ok, kpos, qpos, window_left, window_right)
+        keep = _keep(k_ok, kpos, qpos, window_left, window_right)
+        s = tl.where(keep, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _masked_pv(p, v, keep)
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -154,6 +154,27 @@ float softmax_row(float* s, int64_t n, int64_t first, int64_t lo, int64_t hi, fl
   return m + std::log(sum);
 }
 
+// The tiled P V multiplies every key of a task by every row's p, and p = 0 times an inf or
+// NaN value is NaN: a masked key whose value is not finite (a recycled cache block, an
+// overflowed token) would poison rows that do not see it. So when a task's values are not
+// all finite, each row's output is recomputed over its own keys only, o = sum p[j] v[j]
+// for lo <= j < hi (IEEE rules there: a key the row sees with an inf value gives inf).
+bool all_finite(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return false;
+  }
+  return true;
+}
+
+// o[0..D) = sum over j in [lo, hi) of p[j] * v[j * dp + d]
+void pv_row(const float* p, const float* v, int64_t dp, int64_t lo, int64_t hi, int64_t D,
+            float* o) {
+  for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+  for (int64_t j = lo; j < hi; ++j) {
+    for (int64_t d = 0; d < D; ++d) o[d] += p[j] * v[j * dp + d];
+  }
+}
+
 // One range of keys [lo, hi) per query row, from the window rule of attention.h.
 void key_range(int64_t pos, int64_t seqlen_k, int window_left, int window_right, int64_t& lo,
                int64_t& hi) {
@@ -239,8 +260,15 @@ void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q, i
     }
   }
   matmul_tiles(w.s.data(), w.v.data(), rp, np, dp, w.o.data());  // p . v
+  const bool finite = all_finite(w.v.data(), n * dp);
   for (int64_t r = 0; r < rows; ++r) {
     float* o = w.o.data() + r * dp;
+    if (!finite) {
+      int64_t lo, hi;
+      key_range(t.q0 + r + shift, len_k, a.window_left, a.window_right, lo, hi);
+      pv_row(w.s.data() + r * np, w.v.data(), dp, lo - first, lo < hi ? hi - first : lo - first,
+             D, o);
+    }
     scale_row(o, D, w.inv[r]);
     const int64_t o_off =
         t.b * a.o_stride_b + (tok_q + t.q0 + r) * a.o_stride_s + t.h * a.o_stride_h;
@@ -323,9 +351,16 @@ void run_decode_task(const DecodeArgs& a, DType dtype, int64_t b, int64_t kvh, S
     softmax_row(s, n, first, lo, hi, a.scale, a.softcap, p.data() + r * n, &w.inv[r]);
   }
   matmul_tiles(p.data(), w.v.data(), rp, n, dp, w.o.data());  // O = P V
+  const bool finite = all_finite(w.v.data(), n * dp);
   for (int64_t r = 0; r < R; ++r) {
     const int64_t t = r / group, h = kvh * group + r % group;
     float* o = w.o.data() + r * dp;
+    if (!finite) {
+      int64_t lo, hi;
+      row_range(r, lo, hi);
+      pv_row(p.data() + r * n, w.v.data(), dp, lo - first, lo < hi ? hi - first : lo - first,
+             D, o);
+    }
     scale_row(o, D, w.inv[r]);
     cpu::store_row(o, D, dtype,
                    ob + (b * a.o_stride_b + t * a.o_stride_s + h * a.o_stride_h) * esize);

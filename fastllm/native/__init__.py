@@ -7,6 +7,9 @@ then pass `data_ptr()`s, sizes, strides and the current CUDA stream as integers.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3, torch.int32: 4}
@@ -21,8 +24,16 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
+    path = os.environ.get("FASTLLM_NATIVE_LIB")
     try:
-        from fastllm import _C
+        if path:  # another build of _C, e.g. the AddressSanitizer one of `make asan`
+            spec = importlib.util.spec_from_file_location("fastllm._C", path)
+            if spec is None:
+                raise ImportError(f"FASTLLM_NATIVE_LIB={path!r} is not a loadable module")
+            _C = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(_C)
+        else:
+            from fastllm import _C
     except ImportError as e:  # not built (no compiler) or built for another Python
         _error = str(e)
     else:

@@ -197,7 +197,9 @@ def prefill_arguments(
     varlen = cu_q is not None
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # varlen: packed rows that no sequence covers (cu_seqlens left unchecked) stay 0, -inf
+    alloc = torch.zeros if varlen else torch.empty
+    out = alloc(q.shape, dtype=q.dtype, device=q.device)
     if varlen:
         batch, total_q = cu_q.shape[0] - 1, q.shape[0]
         lse_shape = (heads_q, total_q)
@@ -214,7 +216,11 @@ def prefill_arguments(
         q_strides, k_strides, v_strides = q.stride()[:3], k.stride()[:3], v.stride()[:3]
         o_strides = out.stride()[:3]
         lse_strides = (heads_q * seqlen_q, seqlen_q, 1)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if return_lse else None
+    lse = None
+    if return_lse:
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+        if varlen:
+            lse.fill_(float("-inf"))
     left, right = _window(causal, window_left, window_right)
     kwargs = dict(
         q=q.data_ptr(),

@@ -15,7 +15,7 @@ implementation then receives plain values, positionally, in this order:
         scale       float, resolved (default D ** -0.5)
         window_left, window_right   int, -1 = unbounded
         softcap     float, 0.0 = off
-        cu_seqlens_q, cu_seqlens_k  int32 (B + 1,) or None (both or neither)
+        cu_seqlens_q, cu_seqlens_k  contiguous int32 (B + 1,) or None (both or neither)
         max_seqlen_q, max_seqlen_k  int: the longest sequence (varlen), else Sq and Sk
         return_lse  bool
       returns (out, lse or None): out like q (fresh tensor, q's dtype); lse float32
@@ -25,7 +25,8 @@ implementation then receives plain values, positionally, in this order:
                      window_left, window_right, softcap, num_splits)
         q           (B, q_len, Hq, D)
         k/v_cache   (B, S_max, Hkv, D), or paged (num_blocks, block_size, Hkv, D)
-        cache_seqlens  int32 (B,); block_table int32 (B, max_blocks) or None
+        cache_seqlens  contiguous int32 (B,); block_table contiguous int32 (B, max_blocks)
+                    or None
         num_splits  int, 0 = the implementation chooses (from shapes only)
         (the rest as above; causal already folded into window_right = 0)
       returns out (B, q_len, Hq, D) in q's dtype.
@@ -33,6 +34,11 @@ implementation then receives plain values, positionally, in this order:
     kv_cache_append(k_new, v_new, k_cache, v_cache, positions, block_table)
         k_new/v_new (B, n, Hkv, D) with positions int (B,), or (T, Hkv, D) with slots int (T,)
       writes the caches in place, returns None; out-of-range targets are skipped.
+
+Index tensors reach the backends as contiguous int32 whatever the caller passed (the ops
+call `_index.kernel_index`; see fastllm/ops/_index.py for the rules every op follows).
+Varlen rows that no sequence covers come back 0 (lse -inf), slots past cache_seqlens are
+never read, and a key a row does not see adds nothing to it, even with an inf/NaN value.
 
 A backend registers ``backend.register(op, name, supports=...)`` where `supports`
 takes the same arguments and returns None or the reason it cannot serve the call.
@@ -52,8 +58,9 @@ import torch.nn.functional as F
 from fastllm import backend, reference
 from fastllm.native import attention as native_attention
 from fastllm.native import cpu as native_cpu
+from fastllm.ops import _index
 from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from fastllm.reference.attention import visible
+from fastllm.reference.attention import visible, weighted_values
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -144,7 +151,9 @@ def _math(q, k, v, keep, scale, softcap):
         s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    return torch.einsum("bhqk,bkhd->bqhd", p, vf), lse
+    if keep is None:
+        return torch.einsum("bhqk,bkhd->bqhd", p, vf), lse
+    return weighted_values(p, keep, vf), lse
 
 
 def _dense_torch(q, k, v, causal, scale, window_left, window_right, softcap, return_lse):
@@ -164,7 +173,10 @@ def _dense_torch(q, k, v, causal, scale, window_left, window_right, softcap, ret
             window_right=window_right,
             device=q.device,
         )
-    if return_lse or softcap > 0:
+    masked = plain_causal or keep is not None
+    # SDPA multiplies masked-out probabilities (0) by their values: a masked key whose
+    # value is inf/NaN would turn visible rows into NaN, so such calls take the math path
+    if return_lse or softcap > 0 or (masked and not bool(torch.isfinite(v).all())):
         if plain_causal:
             keep = visible(sq, sk, causal=True, device=q.device)
         out, lse = _math(q, k, v, keep, scale, softcap)
@@ -173,7 +185,13 @@ def _dense_torch(q, k, v, causal, scale, window_left, window_right, softcap, ret
     if keep is not None:
         # rows that see no key: 0, where SDPA gives NaN
         out = out.masked_fill(~keep.any(-1)[None, :, None, None], 0.0)
-    return out.contiguous(), None
+    return _nan_rows(out, q).contiguous(), None
+
+
+def _nan_rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """NaN in the rows of a NaN query, as the other backends give (PyTorch's CPU SDPA
+    kernels return 0 there)."""
+    return out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
 
 
 @backend.register("attention", "torch")
@@ -185,31 +203,39 @@ def _attention_torch(
     # varlen: one sequence at a time (the bounds come to the host). One padded SDPA call
     # over all sequences was measured slower on the CPU (MiniLM's padded batches: 96
     # segments of <= 30 tokens, 14.8 ms against 5.6 ms): it pays for the padding and the mask.
-    out = torch.empty_like(q)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    bq, bk = cu_q.tolist(), cu_k.tolist()
+    # packed rows that belong to no sequence (cu_seqlens not covering q) stay 0, lse -inf
+    out = torch.zeros_like(q)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
+    # cu_seqlens clamped into the packed tensors: unchecked values (validate=False, compile)
+    # give wrong rows, never slices past the end
+    bq = cu_q.clamp(0, q.shape[0]).tolist()
+    bk = cu_k.clamp(0, k.shape[0]).tolist()
     # no lse, softcap or window (causal arrives as window_right == 0)
     plain = (
         not return_lse
         and softcap == 0
         and window_left < 0
         and (window_right < 0 or (causal and window_right == 0))
+        # a causal mask must not meet inf/NaN values in SDPA (see _dense_torch)
+        and not (causal and not bool(torch.isfinite(v).all()))
     )
     for b in range(len(bq) - 1):
         lq, lk = bq[b + 1] - bq[b], bk[b + 1] - bk[b]
-        if lq == 0:
+        if lq <= 0:
             continue
+        lk = max(lk, 0)
         if plain and lk > 0 and (not causal or lq == lk):
             # the common case (a padded batch's sequences) straight to SDPA: the call
             # overhead per sequence is what this loop costs on the CPU
+            qb = q[None, bq[b] : bq[b + 1]]
             o = _sdpa(
-                q[None, bq[b] : bq[b + 1]],
+                qb,
                 k[None, bk[b] : bk[b + 1]],
                 v[None, bk[b] : bk[b + 1]],
                 is_causal=causal,
                 scale=scale,
             )
-            out[bq[b] : bq[b + 1]] = o[0]
+            out[bq[b] : bq[b + 1]] = _nan_rows(o, qb)[0]
             continue
         o, lse_b = _dense_torch(
             q[None, bq[b] : bq[b + 1]],
@@ -269,28 +295,41 @@ def _decode_torch(
     q, k_cache, v_cache, seqlens, block_table, scale, causal, wl, wr, softcap, num_splits
 ):
     batch, q_len = q.shape[:2]
-    if block_table is not None:
-        # gather the pages (ids clamped: entries past a sequence's end may hold anything)
-        ids = block_table.long().clamp(0, k_cache.shape[0] - 1)
-        k = k_cache[ids].flatten(1, 2)  # (B, max_blocks * block_size, Hkv, D)
-        v = v_cache[ids].flatten(1, 2)
+    page = k_cache.shape[1]
+    capacity = page * (1 if block_table is None else block_table.shape[1])
+    length = seqlens.long().clamp(0, capacity)  # (B,)
+    # Read only the positions in use: memory and work follow the longest sequence, not the
+    # cache's capacity or the block table's width (one host sync).
+    s_used = int(length.max()) if batch else 0
+    j = torch.arange(s_used, device=q.device)
+    in_use = j[None, :] < length[:, None]  # (B, S)
+    if block_table is None:
+        k, v = k_cache[:, :s_used], v_cache[:, :s_used]
     else:
-        k, v = k_cache, v_cache
-    s_max = k.shape[1]
-    length = seqlens.long().clamp(0, s_max)[:, None, None]  # (B, 1, 1)
-    j = torch.arange(s_max, device=q.device)[None, None, :]
-    qpos = length - q_len + torch.arange(q_len, device=q.device)[None, :, None]
-    keep = j < length  # (B, q_len, S)
+        ids = block_table[:, : -(-s_used // page)].long()
+        # bad block ids (possible without the value checks) are left out, like other backends
+        in_use &= ((ids >= 0) & (ids < k_cache.shape[0])).repeat_interleave(page, dim=1)[:, :s_used]
+        ids = ids.clamp(0, k_cache.shape[0] - 1)
+        k = k_cache[ids].flatten(1, 2)[:, :s_used]  # (B, S, Hkv, D)
+        v = v_cache[ids].flatten(1, 2)[:, :s_used]
+    # Slots past a sequence's end may hold anything (a recycled block, torch.empty): NaN or
+    # inf there must not reach the output, and masked scores times values would let it.
+    k = torch.where(in_use[:, :, None, None], k, 0)
+    v = torch.where(in_use[:, :, None, None], v, 0)
+    qpos = length[:, None, None] - q_len + torch.arange(q_len, device=q.device)[None, :, None]
+    keep = in_use[:, None, :]  # (B, q_len, S)
     if causal or wr >= 0:
         keep = keep & (j <= qpos + max(wr, 0))
     if wl >= 0:
         keep = keep & (j >= qpos - wl)
     keep = keep[:, None]  # (B, 1, q_len, S)
-    if softcap > 0 or s_max == 0:
+    windowed = causal or wr >= 0 or wl >= 0
+    if softcap > 0 or s_used == 0 or (windowed and not bool(torch.isfinite(v).all())):
         out, _ = _math(q, k, v, keep, scale, softcap)
         return out.to(q.dtype)
     out = _sdpa(q, k, v, mask=keep, scale=scale)
-    return out.masked_fill(~keep.any(-1).transpose(1, 2)[..., None], 0.0).contiguous()
+    out = out.masked_fill(~keep.any(-1).transpose(1, 2)[..., None], 0.0)
+    return _nan_rows(out, q).contiguous()
 
 
 backend.register(
@@ -380,6 +419,10 @@ def _attention_op(
     max_seqlen_k: int,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    cu_seqlens_q, cu_seqlens_k = (
+        _index.kernel_index(cu_seqlens_q),
+        _index.kernel_index(cu_seqlens_k),
+    )
     args = (q, k, v, causal, scale, window_left, window_right, softcap)
     args += (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse)
     name = backend.select("attention", q.device, *args)
@@ -417,6 +460,10 @@ def _decode_attention_op(
     softcap: float,
     num_splits: int,
 ) -> torch.Tensor:
+    cache_seqlens, block_table = (
+        _index.kernel_index(cache_seqlens),
+        _index.kernel_index(block_table),
+    )
     args = (q, k_cache, v_cache, cache_seqlens, block_table, scale, causal)
     args += (window_left, window_right, softcap, num_splits)
     name = backend.select("decode_attention", q.device, *args)
@@ -437,6 +484,8 @@ def _kv_cache_append_op(
     positions: torch.Tensor,
     block_table: Optional[torch.Tensor],  # noqa: UP045
 ) -> None:
+    # positions keep int64 (flat slots of a large cache), read contiguous like the rest
+    positions, block_table = positions.contiguous(), _index.kernel_index(block_table)
     args = (k_new, v_new, k_cache, v_cache, positions, block_table)
     name = backend.select("kv_cache_append", k_cache.device, *args)
     backend.implementation("kv_cache_append", name)(*args)
@@ -450,28 +499,8 @@ def _(k_new, v_new, k_cache, v_cache, positions, block_table):
 # --- validation helpers ----------------------------------------------------------------------
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _value_checks_wanted(validate: bool | None, *tensors) -> bool:
-    """Data-dependent checks: asked for (True), free (None and every tensor on the CPU),
-    and never while tracing for torch.compile."""
-    if validate is False or _compiling():
-        return False
-    if validate:
-        return True
-    return all(t is None or t.device.type == "cpu" for t in tensors)
-
-
-def _unit_stride(name: str, t: torch.Tensor) -> torch.Tensor:
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
-def _check_int_index(name: str, t, dims: int, length: int | None, what: str) -> None:
-    check_tensor(name, t, dtypes=(torch.int32,), dim=dims)
-    if length is not None and t.shape[0] != length:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {what}")
 
 
 def _resolve_scale(scale, head_dim: int) -> float:
@@ -548,23 +577,6 @@ def _check_qkv(q, k, v, *, packed: bool) -> None:
         )
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
-    lengths = cu[1:] - cu[:-1]
-    if cu[0].item() != 0 or (lengths < 0).any().item():
-        raise ValueError(
-            f"{name} = {cu.tolist()} must start at 0 and never decrease (prefix sums of lengths)"
-        )
-    if cu[-1].item() != total:
-        raise ValueError(
-            f"{name} ends at {cu[-1].item()} but the packed tensor has {total} tokens; expected equal"
-        )
-    if lengths.numel() and lengths.max().item() > max_seqlen:
-        raise ValueError(
-            f"{name} holds a sequence of {lengths.max().item()} tokens, longer than the "
-            f"given max_seqlen {max_seqlen}"
-        )
-
-
 # --- public functions ----------------------------------------------------------------------------
 
 
@@ -606,8 +618,10 @@ def attention(
             p - left <= j <= p + right; -1 or None for an unbounded side. With causal, right
             must be 0 or unbounded.
         softcap: scores become softcap * tanh(scores / softcap) before the softmax (None: off).
-        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) prefix sums of the sequence lengths;
-            q/k/v are then packed (total_tokens, heads, head_dim). Lengths 0 and 1 are allowed.
+        cu_seqlens_q, cu_seqlens_k: int32 or int64 (batch + 1,), any strides: prefix sums of
+            the sequence lengths; q/k/v are then packed (total_tokens, heads, head_dim).
+            Lengths 0 and 1 are allowed. Packed rows that no sequence covers (possible only
+            with unchecked values) come back 0, lse -inf.
         max_seqlen_q, max_seqlen_k: the longest q/k sequence with varlen. When omitted they are
             read from cu_seqlens (a device sync); pass them to avoid it (CUDA graphs, compile).
         return_lse: also return the float32 log-sum-exp of each query row's scaled scores,
@@ -636,15 +650,19 @@ def attention(
     scale = _resolve_scale(scale, q.shape[-1])
     left, right = _resolve_window(window, causal)
     softcap = _resolve_softcap(softcap)
-    q, k, v = _unit_stride("q", q), _unit_stride("k", k), _unit_stride("v", v)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
 
     if packed:
-        _check_int_index("cu_seqlens_q", cu_seqlens_q, 1, None, "")
+        _index.check_index("cu_seqlens_q", cu_seqlens_q, dim=1)
         batch = cu_seqlens_q.shape[0] - 1
         if batch < 0:
             raise ValueError("cu_seqlens_q is empty; expected batch + 1 >= 1 entries")
-        _check_int_index(
-            "cu_seqlens_k", cu_seqlens_k, 1, batch + 1, f"({batch + 1},) like cu_seqlens_q"
+        _index.check_index(
+            "cu_seqlens_k",
+            cu_seqlens_k,
+            dim=1,
+            length=batch + 1,
+            what=f"({batch + 1},) like cu_seqlens_q",
         )
         check_same_device(q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
         synced = False
@@ -657,9 +675,9 @@ def attention(
         if max_seqlen_k is None:
             max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()) if batch else 0
             synced = True
-        if _value_checks_wanted(True if synced else validate, cu_seqlens_q, cu_seqlens_k):
-            _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-            _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+        if _index.value_checks_wanted(True if synced else validate, cu_seqlens_q, cu_seqlens_k):
+            _index.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+            _index.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
 
@@ -721,22 +739,7 @@ def _check_cache(q, k_cache, v_cache, block_table) -> None:
                 "(or pass block_table for a paged cache)"
             )
     else:
-        _check_int_index(
-            "block_table", block_table, 2, batch, f"(batch={batch}, max_blocks_per_seq)"
-        )
-
-
-def _check_block_ids(block_table, needed_blocks, num_blocks) -> None:
-    """Block ids a sequence uses (the first needed_blocks[b] of its row) in [0, num_blocks)."""
-    cols = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
-    used = cols < needed_blocks[:, None]
-    bad = used & ((block_table < 0) | (block_table >= num_blocks))
-    if bad.any().item():
-        b, c = (int(x) for x in bad.nonzero()[0].tolist())
-        raise ValueError(
-            f"block_table[{b}, {c}] = {int(block_table[b, c])} is not a block id; expected "
-            f"0 <= id < num_blocks = {num_blocks}"
-        )
+        _index.check_block_table("block_table", block_table, batch)
 
 
 def decode_attention(
@@ -762,10 +765,12 @@ def decode_attention(
         k_cache, v_cache: contiguous (batch, max_seqlen, Hkv, head_dim), or paged
             (num_blocks, block_size, Hkv, head_dim) with block_table; q's dtype, unit stride
             on head_dim.
-        cache_seqlens: int32 (batch,): tokens in each sequence's cache, new ones included.
-        block_table: int32 (batch, max_blocks_per_seq): physical block of each sequence's
-            logical block i (tokens i * block_size ...). Entries past a sequence's length
-            are never read.
+        cache_seqlens: int32 or int64 (batch,), any strides, or one int for every
+            sequence: tokens in each sequence's cache, new ones included. Slots past it are
+            never read (they may hold anything, NaN included).
+        block_table: int32 or int64 (batch, max_blocks_per_seq), any strides: physical
+            block of each sequence's logical block i (tokens i * block_size ...). Entries
+            past a sequence's length are never read.
         scale, window, softcap: as in `attention`. causal: default True.
         num_splits: KV splits of the triton kernel (None: chosen from shapes: batch, heads
             and the cache capacity); ignored by the other backends.
@@ -782,11 +787,11 @@ def decode_attention(
     out of range are skipped: wrong numbers in those rows, never an out-of-bounds access.
     """
     _check_cache(q, k_cache, v_cache, block_table)
+    batch = q.shape[0]
+    cache_seqlens = _index.seqlens_tensor("cache_seqlens", cache_seqlens, batch, q.device)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
     if block_table is not None:
         check_same_device(q=q, block_table=block_table)
-    batch = q.shape[0]
-    _check_int_index("cache_seqlens", cache_seqlens, 1, batch, f"(batch={batch},)")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     scale = _resolve_scale(scale, q.shape[-1])
@@ -796,7 +801,7 @@ def decode_attention(
         num_splits = 0
     elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1 or None, got {num_splits!r}")
-    q = _unit_stride("q", q)
+    q = _unit_stride(q)
     if block_table is None:
         capacity, what = k_cache.shape[1], f"the cache length {k_cache.shape[1]}"
     else:
@@ -805,17 +810,12 @@ def decode_attention(
             f"the block table's capacity {block_table.shape[1]} blocks x "
             f"{k_cache.shape[1]} = {capacity}"
         )
-    if _value_checks_wanted(validate, cache_seqlens, block_table):
-        bad = (cache_seqlens < 0) | (cache_seqlens > capacity)
-        if bad.any().item():
-            b = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"cache_seqlens[{b}] = {int(cache_seqlens[b])} is outside [0, {capacity}]: "
-                f"expected at most {what}"
-            )
+    if _index.value_checks_wanted(validate, cache_seqlens, block_table):
+        _index.check_range("cache_seqlens", cache_seqlens, 0, capacity, f"at most {what}")
         if block_table is not None:
             page = k_cache.shape[1]
-            _check_block_ids(block_table, (cache_seqlens + page - 1) // page, k_cache.shape[0])
+            needed = (cache_seqlens.long() + page - 1) // page
+            _index.check_block_ids(block_table, torch.zeros_like(needed), needed, k_cache.shape[0])
     return _OPS.decode_attention(
         q,
         k_cache,
@@ -895,7 +895,7 @@ def kv_cache_append(
         raise ValueError(
             f"v_new has shape {tuple(v_new.shape)} but k_new has {tuple(k_new.shape)}; expected equal"
         )
-    check_tensor("slot_mapping_or_positions", positions, dtypes=(torch.int32, torch.int64), dim=1)
+    _index.check_index("slot_mapping_or_positions", positions, dim=1)
     check_same_device(
         k_cache=k_cache,
         v_cache=v_cache,
@@ -930,12 +930,10 @@ def kv_cache_append(
                 )
             capacity = page
         else:
-            _check_int_index(
-                "block_table", block_table, 2, batch, f"(batch={batch}, max_blocks_per_seq)"
-            )
+            _index.check_block_table("block_table", block_table, batch)
             check_same_device(k_cache=k_cache, block_table=block_table)
             capacity = block_table.shape[1] * page
-    if _value_checks_wanted(validate, positions, block_table):
+    if _index.value_checks_wanted(validate, positions, block_table):
         n = 1 if slots else k_new.shape[1]
         low = -1 if slots else 0
         bad = (positions < low) | (positions + n > capacity)
@@ -948,21 +946,14 @@ def kv_cache_append(
                 + ("" if slots else f" and value + {n} <= {capacity}")
             )
         if block_table is not None and n:
-            last = positions.long() + n - 1
-            cols = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
-            used = (cols >= (positions.long() // page)[:, None]) & (cols <= (last // page)[:, None])
-            bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
-            if bad.any().item():
-                b, c = (int(x) for x in bad.nonzero()[0].tolist())
-                raise ValueError(
-                    f"block_table[{b}, {c}] = {int(block_table[b, c])} is not a block id; "
-                    f"expected 0 <= id < num_blocks = {k_cache.shape[0]}"
-                )
+            first = positions.long() // page
+            last = (positions.long() + n - 1) // page + 1
+            _index.check_block_ids(block_table, first, last, k_cache.shape[0])
     if k_new.numel() == 0:
         return
     _OPS.kv_cache_append(
-        _unit_stride("k_new", k_new),
-        _unit_stride("v_new", v_new),
+        _unit_stride(k_new),
+        _unit_stride(v_new),
         k_cache,
         v_cache,
         positions,

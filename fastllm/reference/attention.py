@@ -43,6 +43,32 @@ def visible(
     return keep
 
 
+def weighted_values(p: torch.Tensor, keep: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """out[b, i, h] = sum over the keys j that row i keeps of p[b, h, i, j] * v[b, j, h].
+
+    p: (B, H, Sq, Sk), zero where masked; keep: bool, broadcastable to p; v: (B, Sk, H, D).
+    A key a row does not keep contributes nothing even when its value is inf or NaN (in a
+    plain matmul, 0 * inf = NaN would poison the row): non-finite values are left out of
+    the matmul and added back, with IEEE rules (p * inf = inf for p > 0, 0 * inf = NaN,
+    inf - inf = NaN), for the keys each row keeps."""
+    finite = torch.isfinite(v)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, torch.where(finite, v, 0.0))
+    if bool(finite.all()):
+        return out
+    kept = keep.expand(p.shape).to(p.dtype)
+    positive = kept * (p > 0).to(p.dtype)
+
+    def rows_reaching(w, hit):  # (B, Sq, H, D): whether a kept key with a `hit` value is there
+        return torch.einsum("bhqk,bkhd->bqhd", w, hit.to(p.dtype)) > 0
+
+    nan = rows_reaching(kept, torch.isnan(v)) | rows_reaching(kept - positive, torch.isinf(v))
+    pos_inf = rows_reaching(positive, v == float("inf"))
+    neg_inf = rows_reaching(positive, v == float("-inf"))
+    out = torch.where(pos_inf, float("inf"), out)
+    out = torch.where(neg_inf, float("-inf"), out)
+    return torch.where(nan | (pos_inf & neg_inf), float("nan"), out)
+
+
 def _one_sequence(q, k, v, keep, scale, softcap):
     """q: [Sq, Hq, D], k/v: [Sk, Hkv, D], keep: [Sq, Sk] -> out [Sq, Hq, D], lse [Hq, Sq]."""
     group = q.shape[1] // k.shape[1]
@@ -54,7 +80,7 @@ def _one_sequence(q, k, v, keep, scale, softcap):
     s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.einsum("hqk,khd->qhd", p, v)
+    out = weighted_values(p[None], keep[None, None], v[None])[0]
     return out, lse
 
 
@@ -84,15 +110,25 @@ def attention(
         scale = q.shape[-1] ** -0.5
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     if cu_seqlens_q is None:
-        seqs = [(qc[b], kc[b], vc[b]) for b in range(q.shape[0])]
+        out = qc.new_zeros(q.shape)
+        lse = qc.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"))
+        seqs = [(b, b, qc[b], kc[b], vc[b]) for b in range(q.shape[0])]
     else:
+        # packed rows that belong to no sequence (cu_seqlens not covering q) stay 0, lse -inf
+        out = qc.new_zeros(q.shape)
+        lse = qc.new_full((q.shape[1], q.shape[0]), float("-inf"))
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         seqs = [
-            (qc[cq[b] : cq[b + 1]], kc[ck[b] : ck[b + 1]], vc[ck[b] : ck[b + 1]])
+            (
+                slice(cq[b], cq[b + 1]),
+                (slice(None), slice(cq[b], cq[b + 1])),
+                qc[cq[b] : cq[b + 1]],
+                kc[ck[b] : ck[b + 1]],
+                vc[ck[b] : ck[b + 1]],
+            )
             for b in range(len(cq) - 1)
         ]
-    outs, lses = [], []
-    for qb, kb, vb in seqs:
+    for rows, lse_rows, qb, kb, vb in seqs:
         keep = visible(
             qb.shape[0],
             kb.shape[0],
@@ -101,15 +137,7 @@ def attention(
             window_right=window_right,
             device=q.device,
         )
-        o, lse = _one_sequence(qb, kb, vb, keep, scale, softcap)
-        outs.append(o)
-        lses.append(lse)
-    if cu_seqlens_q is None:
-        out = torch.stack(outs) if outs else qc.new_zeros(q.shape)
-        lse = torch.stack(lses) if lses else qc.new_zeros(q.shape[0], q.shape[2], q.shape[1])
-    else:
-        out = torch.cat(outs) if outs else qc.new_zeros(q.shape)
-        lse = torch.cat(lses, dim=1) if lses else qc.new_zeros(q.shape[1], 0)
+        out[rows], lse[lse_rows] = _one_sequence(qb, kb, vb, keep, scale, softcap)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -120,14 +148,19 @@ def gather_cache(
     b: int,
     length: int,
     block_table: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of sequence b's first `length` tokens: (length, Hkv, D) each."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values of sequence b's first `length` tokens, (length, Hkv, D) each, and a
+    bool (length,) that is False for tokens in a block the table cannot name (an id
+    outside [0, num_blocks): such keys are left out, as every backend does)."""
     if block_table is None:
-        return k_cache[b, :length], v_cache[b, :length]
+        k, v = k_cache[b, :length], v_cache[b, :length]
+        return k, v, torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
     block_size = k_cache.shape[1]
     pos = torch.arange(length, device=k_cache.device)
     blocks = block_table[b].long()[pos // block_size]
-    return k_cache[blocks, pos % block_size], v_cache[blocks, pos % block_size]
+    ok = (blocks >= 0) & (blocks < k_cache.shape[0])
+    blocks = blocks.clamp(0, k_cache.shape[0] - 1)
+    return k_cache[blocks, pos % block_size], v_cache[blocks, pos % block_size], ok
 
 
 def decode_attention(
@@ -146,24 +179,30 @@ def decode_attention(
     """Attention of q (B, q_len, Hq, D) against the first cache_seqlens[b] cached tokens of
     each sequence b (the q_len new tokens are the last of them). Contiguous cache:
     k/v_cache (B, max_seqlen, Hkv, D); paged: (num_blocks, block_size, Hkv, D) with
-    block_table (B, max_blocks). Returns (B, q_len, Hq, D) in q's dtype."""
-    outs = []
+    block_table (B, max_blocks). Returns (B, q_len, Hq, D) in q's dtype.
+
+    Lengths are clamped to [0, capacity]; nothing past them is read."""
+    compute = _compute_dtype(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+    out = torch.zeros(q.shape, dtype=compute, device=q.device)
     for b in range(q.shape[0]):
-        length = int(cache_seqlens[b])
-        kb, vb = gather_cache(k_cache, v_cache, b, length, block_table)
-        outs.append(
-            attention(
-                q[b : b + 1],
-                kb[None],
-                vb[None],
-                causal=causal,
-                scale=scale,
-                window_left=window_left,
-                window_right=window_right,
-                softcap=softcap,
-            )
+        length = min(max(int(cache_seqlens[b]), 0), capacity)
+        kb, vb, ok = gather_cache(k_cache, v_cache, b, length, block_table)
+        keep = visible(
+            q.shape[1],
+            length,
+            causal=causal,
+            window_left=window_left,
+            window_right=window_right,
+            device=q.device,
         )
-    return torch.cat(outs) if outs else torch.zeros_like(q)
+        keep = keep & ok[None, :]
+        out[b], _ = _one_sequence(
+            q[b].to(compute), kb.to(compute), vb.to(compute), keep, scale, softcap
+        )
+    return out.to(q.dtype)
 
 
 def kv_cache_append(
@@ -180,25 +219,28 @@ def kv_cache_append(
     k_new (B, n, Hkv, D) with positions (B,): token t of sequence b goes to position
     positions[b] + t (through block_table when the cache is paged). k_new (T, Hkv, D)
     with a slot mapping (T,): token t goes to flat slot s = slot_mapping[t] of the cache
-    viewed as (num_blocks * block_size, Hkv, D); slots < 0 are skipped.
+    viewed as (num_blocks * block_size, Hkv, D); slots < 0 are skipped. So is every
+    target outside the cache (a position past the table, a bad block id).
     """
+    num_blocks, block_size = k_cache.shape[:2]
     if k_new.dim() == 3:
-        flat_k = k_cache.view(-1, *k_cache.shape[2:])
-        flat_v = v_cache.view(-1, *v_cache.shape[2:])
         for t, s in enumerate(positions.tolist()):
-            if s >= 0:
-                flat_k[s] = k_new[t]
-                flat_v[s] = v_new[t]
+            if 0 <= s < num_blocks * block_size:
+                k_cache[s // block_size, s % block_size] = k_new[t]
+                v_cache[s // block_size, s % block_size] = v_new[t]
         return
     for b in range(k_new.shape[0]):
         start = int(positions[b])
         for t in range(k_new.shape[1]):
             p = start + t
             if block_table is None:
-                k_cache[b, p] = k_new[b, t]
-                v_cache[b, p] = v_new[b, t]
+                blk, row = b, p
+                ok = 0 <= p < block_size
             else:
-                block_size = k_cache.shape[1]
-                blk = int(block_table[b, p // block_size])
-                k_cache[blk, p % block_size] = k_new[b, t]
-                v_cache[blk, p % block_size] = v_new[b, t]
+                ok = 0 <= p < block_table.shape[1] * block_size
+                blk = int(block_table[b, p // block_size]) if ok else -1
+                row = p % block_size
+                ok = ok and 0 <= blk < num_blocks
+            if ok:
+                k_cache[blk, row] = k_new[b, t]
+                v_cache[blk, row] = v_new[b, t]

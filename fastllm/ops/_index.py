@@ -1,0 +1,108 @@
+"""How the ops read index tensors: cu_seqlens, cache_seqlens, block tables, positions and
+slot mappings (attention), crow/col indices (block-sparse). One set of rules, every op
+family and every backend:
+
+- Index tensors may be int32 or int64 and any strided view (``cu[::2]``,
+  ``block_table[:, ::2]``). The registered ops hand every backend contiguous int32
+  (`kernel_index`), so that no launcher can read a view as if it were contiguous, and a
+  direct ``torch.ops.fastllm`` call is read the same way as a public-function call.
+- Value checks (ranges, prefix sums, block ids) read the values, which costs a device sync
+  on a GPU: they run when asked for (``validate=True``) or free (CPU tensors), never while
+  tracing for torch.compile (`value_checks_wanted`). What runs without them clamps or masks
+  by construction: bad values give wrong numbers in their own rows, never an access
+  outside a tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastllm.ops._checks import check_tensor
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def value_checks_wanted(validate: bool | None, *tensors: torch.Tensor | None) -> bool:
+    """Data-dependent checks: asked for (True), free (None and every tensor on the CPU),
+    and never while tracing for torch.compile."""
+    if validate is False or torch.compiler.is_compiling():
+        return False
+    if validate:
+        return True
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def check_index(name: str, t, *, dim: int, length: int | None = None, what: str = "") -> None:
+    """An int32/int64 index tensor of `dim` dimensions whose first size is `length`."""
+    check_tensor(name, t, dtypes=INDEX_DTYPES, dim=dim)
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {what}")
+
+
+def kernel_index(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as the kernels read it: contiguous int32. int64 values beyond int32 saturate (to a
+    value every backend then treats as out of range) instead of wrapping around."""
+    if t is None:
+        return None
+    if t.dtype != torch.int32:
+        t = t.clamp(_INT32_MIN, _INT32_MAX).to(torch.int32)
+    return t.contiguous()
+
+
+def seqlens_tensor(name: str, value, batch: int, device: torch.device) -> torch.Tensor:
+    """A per-sequence length argument given as a tensor (batch,) or one int for all."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return torch.full((batch,), value, dtype=torch.int32, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} must be an int32/int64 tensor of shape (batch={batch},) or an int, "
+            f"got {type(value).__name__}"
+        )
+    check_index(name, value, dim=1, length=batch, what=f"(batch={batch},)")
+    return value
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """cu: prefix sums of the lengths of sequences packed into `total` tokens."""
+    lengths = cu[1:] - cu[:-1]
+    if cu[0].item() != 0 or (lengths < 0).any().item():
+        raise ValueError(
+            f"{name} = {cu.tolist()} must start at 0 and never decrease (prefix sums of lengths)"
+        )
+    if cu[-1].item() != total:
+        raise ValueError(
+            f"{name} ends at {cu[-1].item()} but the packed tensor has {total} tokens; expected equal"
+        )
+    if lengths.numel() and lengths.max().item() > max_seqlen:
+        raise ValueError(
+            f"{name} holds a sequence of {lengths.max().item()} tokens, longer than the "
+            f"given max_seqlen {max_seqlen}"
+        )
+
+
+def check_block_table(name: str, table, batch: int) -> None:
+    check_index(name, table, dim=2, length=batch, what=f"(batch={batch}, max_blocks_per_seq)")
+
+
+def check_block_ids(
+    table: torch.Tensor, first: torch.Tensor, last: torch.Tensor, num_blocks: int
+) -> None:
+    """The block ids of columns first[b] <= c < last[b] of each row are in [0, num_blocks)."""
+    cols = torch.arange(table.shape[1], device=table.device)[None, :]
+    used = (cols >= first[:, None]) & (cols < last[:, None])
+    bad = used & ((table < 0) | (table >= num_blocks))
+    if bad.any().item():
+        b, c = (int(x) for x in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"block_table[{b}, {c}] = {int(table[b, c])} is not a block id; expected "
+            f"0 <= id < num_blocks = {num_blocks}"
+        )
+
+
+def check_range(name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Every value of the 1-d t in [low, high]; the error names the first one outside."""
+    bad = (t < low) | (t > high)
+    if bad.any().item():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {int(t[i])} is outside [{low}, {high}]: expected {what}")
