@@ -7,7 +7,7 @@ One mechanism for everything that calibrates: SmoothQuant uses `amax`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,7 @@ class InputStats:
 
 
 def _run_batch(model: nn.Module, batch) -> None:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding (not a dict)
         model(**batch)
     elif isinstance(batch, list | tuple):
         model(*batch)
@@ -47,8 +47,9 @@ def collect_input_stats(
     """Runs `model` on each batch and returns {qualified name: InputStats} for every
     nn.Linear (or only those where filter_fn(name, module) is true).
 
-    A batch is passed as model(**batch) for a dict, model(*batch) for a tuple or
-    list, and model(batch) otherwise. Hooks are removed even if a batch fails.
+    A batch is passed as model(**batch) for a mapping (a dict, a tokenizer's
+    BatchEncoding), model(*batch) for a tuple or list, and model(batch) otherwise.
+    Hooks are removed even if a batch fails.
     """
     stats: dict[str, InputStats] = {}
     handles = []

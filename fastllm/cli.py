@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "optimize":
+        from fastllm.optimize_cmd import UsageError
         from fastllm.optimize_cmd import run as optimize
 
-        return optimize(args)
+        try:
+            return optimize(args)
+        except UsageError as e:  # one line, exit status 2: as argparse reports its own errors
+            print(f"{opt.prog}: error: {e}", file=sys.stderr)
+            raise
 
     if args.command == "doctor":
         from fastllm.doctor import main as doctor

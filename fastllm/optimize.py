@@ -24,10 +24,17 @@ Layers named in `skip` (default: `lm_head`, whose precision matters most) stay i
 float, as do layers `filter_fn(name, module)` rejects and layers whose shape the
 target module does not take; the report says which and why. A model already
 optimized is left as it is; calling optimize again only swaps what is still float.
+
+All or nothing: every change optimize makes to the model (module swaps, attributes,
+weights SmoothQuant rescales in place, the attention implementation of a transformers
+model) is recorded as it is made, and an error at any step undoes them in reverse, so
+the model is left exactly as it was; the RuntimeError raised names the layer and the
+step that failed and is chained to the original error.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,6 +53,14 @@ from fastllm.nn import (
 )
 
 LINEAR_KINDS = ("w8a8", "w8a16", "2:4", "block", "2:4+w8a8")
+# the fastllm.nn module each kind of linear layer becomes
+_LINEAR_MODULES = {
+    "w8a8": Int8Linear,
+    "w8a16": Int8Linear,
+    "2:4": Sparse24Linear,
+    "block": BlockSparseLinear,
+    "2:4+w8a8": Sparse24Linear,
+}
 METHODS = ("magnitude", "wanda")
 
 _REPORT_ATTR = "_fastllm_report"
@@ -234,6 +249,84 @@ def _name_matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+# --- all or nothing ------------------------------------------------------------------------
+
+
+class _Changes:
+    """Every change optimize makes to a model, recorded as it is made, so that `undo()`
+    puts the model back exactly as it was (in reverse order); and where optimize is
+    (`layer`, `step`), for the error message."""
+
+    def __init__(self):
+        self._undo: list[Callable[[], None]] = []
+        self.layer = ""  # qualified name; "" for the whole model
+        self.step = "starting"
+
+    def at(self, layer: str, step: str) -> None:
+        self.layer, self.step = layer, step
+
+    def on_undo(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def keep(self, obj, name: str) -> None:
+        """Remembers `obj.name` (or that obj has no attribute `name` of its own)."""
+        own = name in vars(obj) or (isinstance(obj, nn.Module) and name in obj._modules)
+        old = getattr(obj, name) if own else None
+
+        def restore():
+            if own:
+                setattr(obj, name, old)
+            elif name in vars(obj) or (isinstance(obj, nn.Module) and name in obj._modules):
+                delattr(obj, name)
+
+        self._undo.append(restore)
+
+    def setattr(self, obj, name: str, value) -> None:
+        self.keep(obj, name)
+        setattr(obj, name, value)
+
+    def keep_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Remembers the values of tensors about to be changed in place. The copies are
+        kept in CPU memory, so that a model on a GPU needs no room there for them."""
+        saved = [(t, t.detach().to("cpu", copy=True)) for t in tensors]
+
+        def restore():
+            with torch.no_grad():
+                for t, old in saved:
+                    t.copy_(old)
+
+        self._undo.append(restore)
+
+    def undo(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def _running_layer(model: nn.Module, error: BaseException) -> str:
+    """The qualified name of the innermost module of `model` whose code was running when
+    `error` was raised (read from the `self` of the traceback's frames); "" if none."""
+    modules = {id(m): (name, m) for name, m in model.named_modules()}
+    found = ""
+    tb = error.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        hit = modules.get(id(obj))
+        if hit is not None and hit[1] is obj:
+            found = hit[0]
+        tb = tb.tb_next
+    return found
+
+
+def _failure(model: nn.Module, changes: _Changes, error: Exception) -> RuntimeError:
+    layer = changes.layer or _running_layer(model, error)
+    where = f"layer {layer!r}" if layer else f"the model ({type(model).__name__})"
+    detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return RuntimeError(
+        f"fastllm.optimize failed at {where} ({changes.step}): {detail}; "
+        "the model was left as it was"
+    )
+
+
 # --- optimize ------------------------------------------------------------------------------
 
 _OPTIONS = ("attention", "linear", "calibration", "filter_fn", "backend")
@@ -278,17 +371,20 @@ def optimize(
         attention: use fastllm's fused attention (transformers models: through their
             attention interface; `nn.MultiheadAttention`: FusedMultiheadAttention).
         linear: None (keep float), one of LINEAR_KINDS, or a LinearConfig.
-        calibration: an iterable of batches as the model's forward takes them (a dict is
-            passed as `model(**batch)`, a tuple as `model(*batch)`, else `model(batch)`),
-            used by SmoothQuant (w8a8) and Wanda (sparse). Without it, the
-            calibration-free methods are used and the report says so.
+        calibration: an iterable of batches as the model's forward takes them (a mapping,
+            such as a dict or a tokenizer's BatchEncoding, is passed as `model(**batch)`, a
+            tuple or list as `model(*batch)`, else `model(batch)`), used by SmoothQuant
+            (w8a8) and Wanda (sparse). Without it, the calibration-free methods are used;
+            the report says so, and says when the batches were not used (w8a16).
         filter_fn: `filter_fn(qualified_name, module) -> bool`; layers for which it is
             false are left alone.
         backend: force one fastllm backend ("cuda", "triton", "cpu", "torch", "reference") for
             every forward pass of `model` (as `fastllm.use_backend` does); None: per-call choice.
         **options: LinearConfig fields (smoothquant, alpha, method, density, block_size, skip).
 
-    Raises ValueError for unknown options or values (listing the valid ones).
+    Raises ValueError for unknown options or values (listing the valid ones), before
+    changing anything. An error while optimizing leaves the model as it was and raises
+    RuntimeError naming the layer and the step that failed, chained to the original error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -304,6 +400,9 @@ def optimize(
     batches = list(calibration) if calibration is not None else None
     if batches is not None and not batches:
         raise ValueError("calibration is empty; pass at least one batch, or None")
+    sparse = cfg is not None and cfg.kind in ("2:4", "block", "2:4+w8a8")
+    if sparse and cfg.method == "wanda" and batches is None:
+        raise ValueError("method='wanda' needs calibration batches (calibration=...)")
 
     opts = {
         "attention": attention,
@@ -311,23 +410,39 @@ def optimize(
         "backend": backend,
         "filter_fn": None if filter_fn is None else getattr(filter_fn, "__name__", "custom"),
     }
-    rep: Report | None = getattr(model, _REPORT_ATTR, None)
+    # a new report: the model's own is replaced only when optimize succeeds
+    rep: Report | None = copy.deepcopy(getattr(model, _REPORT_ATTR, None))
     if rep is None:
         rep = Report(options=opts)
     else:
         rep.notes.append(f"optimize called again with {opts}")
         rep.options = {**rep.options, **{k: v for k, v in opts.items() if v}}
+    if cfg is None and batches is not None:
+        rep.calibration = "linear=None: the calibration batches were not used"
 
+    changes = _Changes()
     was_training = model.training
-    model.eval()
+    flags = [(m, m.training) for m in model.modules()]
+
+    def restore_flags():
+        for m, training in flags:
+            m.training = training
+
+    changes.on_undo(restore_flags)
     try:
+        model.eval()
         if attention:
-            _swap_attention(model, filter_fn, rep)
+            _swap_attention(model, filter_fn, rep, changes)
         if cfg is not None:
-            _swap_linears(model, cfg, batches, filter_fn, rep)
-        _guard_fast_paths(model, rep)
-    finally:
-        model.train(was_training)
+            _swap_linears(model, cfg, batches, filter_fn, rep, changes)
+        _guard_fast_paths(model, rep, changes)
+    except BaseException as e:
+        error = _failure(model, changes, e) if isinstance(e, Exception) else None
+        changes.undo()
+        if error is None:  # KeyboardInterrupt and the like: undone, and passed on as they are
+            raise
+        raise error from e
+    model.train(was_training)
     if backend is not None:
         _force_backend(model, backend)
     if not rep.layers:
@@ -345,10 +460,11 @@ def is_optimized(model: nn.Module) -> bool:
 # --- attention -----------------------------------------------------------------------------
 
 
-def _swap_attention(model: nn.Module, filter_fn, rep: Report) -> None:
+def _swap_attention(model: nn.Module, filter_fn, rep: Report, changes: _Changes) -> None:
     from fastllm import hf
 
     if hf.is_hf_model(model):
+        changes.at("", "switching transformers attention to 'fastllm'")
         done = {e.name for e in rep.layers if e.kind == "attention"}
         if "" in done or hf.enabled(model):
             if "" not in done:
@@ -361,6 +477,10 @@ def _swap_attention(model: nn.Module, filter_fn, rep: Report) -> None:
         if why is not None:
             rep.layers.append(LayerEntry("", "attention", "skipped", "transformers", None, why))
             return
+        # set_attn_implementation writes the implementation into the model's config, its
+        # submodels' configs and their sub-configs: all of them are kept for undo
+        for config in _hf_configs(model):
+            changes.keep(config, "_attn_implementation_internal")
         previous = hf.enable(model)
         rep.layers.append(
             LayerEntry(
@@ -368,19 +488,34 @@ def _swap_attention(model: nn.Module, filter_fn, rep: Report) -> None:
             )
         )
         return
-    _swap_mha(model, "", filter_fn, rep)
+    _swap_mha(model, "", filter_fn, rep, changes)
 
 
-def _swap_mha(parent: nn.Module, prefix: str, filter_fn, rep: Report) -> None:
+def _hf_configs(model: nn.Module) -> list:
+    """The transformers configs of `model` and of its modules, and all their sub-configs."""
+    todo = [m.config for m in model.modules() if hasattr(m, "config")]
+    found: dict[int, object] = {}
+    while todo:
+        config = todo.pop()
+        if id(config) in found or not hasattr(config, "_attn_implementation_internal"):
+            continue
+        found[id(config)] = config
+        todo += [getattr(config, key, None) for key in getattr(config, "sub_configs", {})]
+    return list(found.values())
+
+
+def _swap_mha(parent: nn.Module, prefix: str, filter_fn, rep: Report, changes: _Changes) -> None:
     for name, child in list(parent.named_children()):
         full = f"{prefix}.{name}" if prefix else name
         if isinstance(child, nn.MultiheadAttention) and not _is_fastllm_module(child):
+            changes.at(full, "calling filter_fn")
             if filter_fn is not None and not filter_fn(full, child):
                 rep.layers.append(
                     LayerEntry(full, "attention", "skipped", "MultiheadAttention", None,
                                "filtered out by filter_fn")
                 )  # fmt: skip
                 continue
+            changes.at(full, "building FusedMultiheadAttention")
             try:
                 new = FusedMultiheadAttention.from_module(child)
             except ValueError as e:
@@ -390,7 +525,8 @@ def _swap_mha(parent: nn.Module, prefix: str, filter_fn, rep: Report) -> None:
                 )  # fmt: skip
                 continue
             record_attention_backend(new)
-            setattr(parent, name, new)
+            changes.at(full, "swapping in FusedMultiheadAttention")
+            changes.setattr(parent, name, new)
             rep.layers.append(
                 LayerEntry(full, "attention", "swapped", "MultiheadAttention", type(new).__name__)
             )
@@ -398,7 +534,7 @@ def _swap_mha(parent: nn.Module, prefix: str, filter_fn, rep: Report) -> None:
             if not any(e.name == full for e in rep.layers):
                 rep.layers.append(LayerEntry(full, "attention", "kept", type(child).__name__))
         else:
-            _swap_mha(child, full, filter_fn, rep)
+            _swap_mha(child, full, filter_fn, rep, changes)
 
 
 def record_attention_backend(module: nn.Module) -> None:
@@ -469,7 +605,7 @@ class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
         return x
 
 
-def _guard_fast_paths(model: nn.Module, rep: Report) -> None:
+def _guard_fast_paths(model: nn.Module, rep: Report, changes: _Changes) -> None:
     """PyTorch encoder layers holding fastllm modules must not take PyTorch's fused paths."""
 
     def walk(parent, prefix):
@@ -477,8 +613,9 @@ def _guard_fast_paths(model: nn.Module, rep: Report) -> None:
             full = f"{prefix}.{name}" if prefix else name
             has_fastllm = any(_is_fastllm_module(m) for m in child.modules())
             if type(child) is nn.TransformerEncoderLayer and has_fastllm:
+                changes.at(full, "swapping in FusedTransformerEncoderLayer")
                 child = FusedTransformerEncoderLayer.from_layer(child)
-                setattr(parent, name, child)
+                changes.setattr(parent, name, child)
                 rep.layers.append(
                     LayerEntry(full, "layer", "swapped", "TransformerEncoderLayer",
                                "FusedTransformerEncoderLayer",
@@ -489,7 +626,8 @@ def _guard_fast_paths(model: nn.Module, rep: Report) -> None:
 
     def _no_nested(m, has_fastllm):
         if isinstance(m, nn.TransformerEncoder) and has_fastllm:
-            m.use_nested_tensor = False  # no nested-tensor conversion of padded input
+            # no nested-tensor conversion of padded input
+            changes.setattr(m, "use_nested_tensor", False)
 
     walk(model, "")
     _no_nested(model, any(_is_fastllm_module(m) for m in model.modules()))
@@ -498,7 +636,7 @@ def _guard_fast_paths(model: nn.Module, rep: Report) -> None:
 # --- linear layers -------------------------------------------------------------------------
 
 
-def _linear_targets(model: nn.Module, cfg: LinearConfig, filter_fn, rep: Report):
+def _linear_targets(model: nn.Module, cfg: LinearConfig, filter_fn, rep: Report, changes):
     """[(parent, attr, qualified name, module)] of the float linear layers to swap;
     records the skipped ones."""
     targets, seen = [], {e.name for e in rep.layers}
@@ -520,6 +658,7 @@ def _linear_targets(model: nn.Module, cfg: LinearConfig, filter_fn, rep: Report)
                 continue
             if isinstance(child, nn.Linear) or _is_conv1d(child):
                 before = type(child).__name__
+                changes.at(full, "calling filter_fn")
                 if _name_matches(full, cfg.skip):
                     reason = f"kept in float (skip={list(cfg.skip)})"
                 elif filter_fn is not None and not filter_fn(full, child):
@@ -538,8 +677,10 @@ def _linear_targets(model: nn.Module, cfg: LinearConfig, filter_fn, rep: Report)
     return targets
 
 
-def _calibrate(model, cfg: LinearConfig, batches, rep: Report, names: set[str]):
-    """Returns (smooth scales or None, activation norms or None) and records what was done."""
+def _calibrate(model, cfg: LinearConfig, batches, rep: Report, names: set[str], changes, weights):
+    """Returns (smooth scales or None, activation norms or None, pruning method) and
+    records what was done. `names`: the layers to be swapped; `weights`: those of their
+    weights that are the model's own (SmoothQuant rescales them in place)."""
     smooth_scales, act_norms = None, None
     int8 = cfg.kind in ("w8a8", "2:4+w8a8")
     sparse = cfg.kind in ("2:4", "block", "2:4+w8a8")
@@ -547,9 +688,15 @@ def _calibrate(model, cfg: LinearConfig, batches, rep: Report, names: set[str]):
     method = cfg.method or ("wanda" if batches is not None else "magnitude")
     what = []
     if use_smooth:
+        changes.at("", "calibration forward pass for SmoothQuant")
         stats = _quant.calibrate(model, batches, filter_fn=lambda n, m: n in names)
         # Sparse24Linear has no run-time scale: only folded smoothing applies to it
         unfoldable = "skip" if cfg.kind == "2:4+w8a8" else cfg.unfoldable
+        changes.at("", "SmoothQuant smoothing")
+        # smoothing rescales norm and linear weights in place
+        norms = [m for m in model.modules() if _quant._is_norm(m)]
+        changes.keep_tensors([p for m in norms for p in m.parameters(recurse=False)])
+        changes.keep_tensors(weights)
         smooth_scales = _quant.smooth(model, stats, alpha=cfg.alpha, unfoldable=unfoldable)
         what.append(
             f"SmoothQuant alpha={cfg.alpha} from {len(batches)} batches: "
@@ -557,24 +704,26 @@ def _calibrate(model, cfg: LinearConfig, batches, rep: Report, names: set[str]):
             f"{len(smooth_scales.runtime)} smoothed at run time, "
             f"{len(smooth_scales.skipped)} not smoothed"
         )
-    elif int8 and cfg.kind.endswith("w8a8"):
+    elif int8:
         what.append(
-            "w8a8 without SmoothQuant (per-token activation scales)"
-            + ("" if batches is not None else ": no calibration batches")
+            "w8a8 without SmoothQuant (per-token activation scales"
+            + (", smoothquant=False)" if batches is not None else "): no calibration batches")
         )
     if sparse:
-        if method == "wanda":
-            if batches is None:
-                raise ValueError("method='wanda' needs calibration batches (calibration=...)")
+        if method == "wanda":  # optimize checked that batches were given
+            changes.at("", "calibration forward pass for Wanda")
             act_norms = _sparse.calibrate(model, batches, filter_fn=lambda n, m: n in names)
             what.append(f"Wanda activation norms from {len(batches)} batches")
         else:
             what.append(
-                "magnitude pruning" + ("" if batches is not None else ": no calibration batches")
+                "magnitude pruning"
+                + (" (method='magnitude')" if batches is not None else ": no calibration batches")
             )
     if cfg.kind == "w8a16":
         what.append("w8a16 needs no calibration")
-    rep.calibration = "; ".join(what) if what else "none"
+    rep.calibration = "; ".join(what)
+    if batches is not None and smooth_scales is None and act_norms is None:
+        rep.calibration += ": the calibration batches were not used"
     return smooth_scales, act_norms, method
 
 
@@ -582,24 +731,24 @@ def _build_linear(kind, lin: nn.Linear, name, cfg, smooth_scales, act_norms, met
     act_norm = act_norms.get(name) if act_norms is not None and method == "wanda" else None
     if act_norm is not None and not isinstance(act_norm, torch.Tensor):
         act_norm = act_norm.norm  # fastllm.calibration.InputStats
-    if kind in ("w8a8", "w8a16"):
+    cls = _LINEAR_MODULES[kind]
+    if cls is Int8Linear:
         scale = None
         if smooth_scales is not None:
             scale = smooth_scales.get(name)
         return Int8Linear.from_linear(lin, mode=kind, smooth_scale=scale)
     m = method if act_norm is not None else "magnitude"
-    if kind == "2:4":
-        return Sparse24Linear.from_linear(lin, method=m, act_norm=act_norm)
-    if kind == "block":
+    if cls is BlockSparseLinear:
         return BlockSparseLinear.from_linear(
             lin, block_size=cfg.block_size, density=cfg.density, method=m, act_norm=act_norm
         )
-    # "2:4+w8a8"
-    return Sparse24Linear.from_linear(lin, method=m, act_norm=act_norm, int8=True)
+    return Sparse24Linear.from_linear(lin, method=m, act_norm=act_norm, int8=kind == "2:4+w8a8")
 
 
-def _swap_linears(model, cfg: LinearConfig, batches, filter_fn, rep: Report) -> None:
-    targets = _linear_targets(model, cfg, filter_fn, rep)
+def _swap_linears(
+    model, cfg: LinearConfig, batches, filter_fn, rep: Report, changes: _Changes
+) -> None:
+    targets = _linear_targets(model, cfg, filter_fn, rep, changes)
     if not targets:
         rep.notes.append(f"linear={cfg.kind!r}: no float linear layer left to swap")
         return
@@ -608,33 +757,40 @@ def _swap_linears(model, cfg: LinearConfig, batches, filter_fn, rep: Report) -> 
     conv, as_lin = {}, {}
     for i, (parent, attr, name, child) in enumerate(targets):
         if _is_conv1d(child):
+            changes.at(name, "converting Conv1D to nn.Linear")
             lin = as_lin.setdefault(id(child), _as_linear(child))
             conv[name] = child
-            setattr(parent, attr, lin)
+            changes.setattr(parent, attr, lin)
             targets[i] = (parent, attr, name, lin)
     names = {t[2] for t in targets}
-    smooth_scales, act_norms, method = _calibrate(model, cfg, batches, rep, names)
+    weights = [t[3].weight for t in targets if t[2] not in conv]  # not the Conv1D copies
+    smooth_scales, act_norms, method = _calibrate(model, cfg, batches, rep, names, changes, weights)
     done: dict[int, nn.Module] = {}
+    new_cls = _LINEAR_MODULES[cfg.kind].__name__
     for parent, attr, name, child in targets:
         before = "Conv1D" if name in conv else type(child).__name__
         if id(child) in done:  # one module used in two places stays one module
-            setattr(parent, attr, done[id(child)])
+            changes.at(name, f"swapping in {new_cls} (shared module)")
+            changes.setattr(parent, attr, done[id(child)])
             rep.layers.append(LayerEntry(name, "linear", "swapped", before,
                                          type(done[id(child)]).__name__, "shared module"))  # fmt: skip
             continue
+        changes.at(name, f"building {new_cls} {cfg.kind}")
         try:
             new = _build_linear(cfg.kind, child, name, cfg, smooth_scales, act_norms, method)
         except ValueError as e:
             if name in conv:  # back to Conv1D, keeping what SmoothQuant folded into the weight
+                changes.keep_tensors([conv[name].weight])
                 with torch.no_grad():
                     conv[name].weight.copy_(child.weight.t())
-                setattr(parent, attr, conv[name])
+                changes.setattr(parent, attr, conv[name])
             rep.layers.append(
                 LayerEntry(name, "linear", "skipped", before, None, f"shape unsupported: {e}")
             )
             continue
         done[id(child)] = new
-        setattr(parent, attr, new)
+        changes.at(name, f"swapping in {new_cls}")
+        changes.setattr(parent, attr, new)
         rep.layers.append(LayerEntry(name, "linear", "swapped", before, type(new).__name__))
     rep.options["method"] = method if cfg.kind in ("2:4", "block", "2:4+w8a8") else None
 

