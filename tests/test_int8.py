@@ -395,6 +395,170 @@ def test_reference_against_float64():
     assert out16.dtype == torch.float64 and rel_err(out16, exact) < 1e-2
 
 
+# --- every tensor argument as a strided view, on every backend -----------------------------
+
+
+def _strided(t: torch.Tensor, garbage) -> torch.Tensor:
+    """t's values as a view that is not contiguous: the even rows of a tensor twice as long
+    whose odd rows hold `garbage`, so that reading the view as contiguous gives wrong values."""
+    big = torch.empty((2 * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    big[0::2], big[1::2] = t, garbage
+    return big[0::2]
+
+
+def _op_args(op):
+    """Contiguous arguments of torch.ops.fastllm.<op>, by name, and views of each tensor
+    (x also transposed: column-major)."""
+    M, N, K = 5, 24, 40
+    x = _activations(M, K)
+    w_int8, w_scale = _weight(N, K)
+    bias = torch.randn(N, device=DEVICE)
+    if op == "int8_linear":
+        x_int8, x_scale = reference.quantize_per_token(x)
+        args = dict(x_int8=x_int8, x_scale=x_scale, w_int8=w_int8, w_scale=w_scale)
+        args.update(bias=bias, out_dtype=torch.float32)
+    elif op == "int8_dynamic_linear":
+        smooth = torch.rand(K, device=DEVICE) + 0.5
+        args = dict(x=x, w_int8=w_int8, w_scale=w_scale, bias=bias, smooth_scale=smooth)
+    elif op == "int8_weight_only_linear":
+        args = dict(x=x, w_int8=w_int8, w_scale=w_scale, bias=bias)
+    elif op == "quantize_per_token":
+        args = dict(x=x)
+    else:  # quantize_per_channel
+        args = dict(w=torch.randn(N, K, device=DEVICE), dim=0)
+    views = {}
+    for name, t in args.items():
+        if isinstance(t, torch.Tensor):
+            garbage = 99 if t.dtype == torch.int8 else float("nan")
+            views[name] = _strided(t, garbage)
+            if t.dim() == 2:
+                views[name + "_t"] = t.t().contiguous().t()
+    return args, views
+
+
+_STRIDED_OPS = (
+    "int8_linear",
+    "int8_dynamic_linear",
+    "int8_weight_only_linear",
+    "quantize_per_token",
+    "quantize_per_channel",
+)
+_STRIDED_CASES = [
+    (op, name, arg)
+    for op in _STRIDED_OPS
+    for name in available_backends(op)
+    for arg in _op_args(op)[1]
+]
+
+
+@pytest.mark.parametrize("op, name, arg", _STRIDED_CASES)
+def test_strided_arguments(op, name, arg):
+    args, views = _op_args(op)
+    call = getattr(torch.ops.fastllm, op)
+    strided = {**args, arg.removesuffix("_t"): views[arg]}
+    assert not strided[arg.removesuffix("_t")].is_contiguous()
+    *positional, last = strided.values()
+    with fastllm.use_backend(name):
+        expect = call(*args.values())
+        got = [
+            call(*strided.values()),  # the registered op, past the public function
+            getattr(fastllm.ops, op)(*positional, **{list(strided)[-1]: last}),
+        ]
+    for out in got:
+        if op.startswith("quantize"):
+            assert torch.equal(out[0], expect[0]) and torch.equal(out[1], expect[1])
+        else:
+            assert rel_err(out, expect) <= 1e-6
+
+
+# --- K large enough to overflow the int32 accumulator ----------------------------------------
+
+
+def _int8_calls(K):
+    """int8_linear and int8_dynamic_linear (public and registered) of M = N = 1, all 127s."""
+    x = torch.ones(1, K, device=DEVICE)
+    xq = torch.full((1, K), 127, dtype=torch.int8, device=DEVICE)
+    wq = torch.full((1, K), 127, dtype=torch.int8, device=DEVICE)
+    one = torch.ones(1, device=DEVICE)
+    ops = torch.ops.fastllm
+    return {
+        "int8_linear": lambda: fastllm.ops.int8_linear(xq, one, wq, one, out_dtype="fp32"),
+        "op.int8_linear": lambda: ops.int8_linear(xq, one, wq, one, None, torch.float32),
+        "int8_dynamic_linear": lambda: fastllm.ops.int8_dynamic_linear(x, wq, one),
+        "op.int8_dynamic_linear": lambda: ops.int8_dynamic_linear(x, wq, one, None, None),
+    }
+
+
+def test_int8_k_over_accumulator_limit_refused(monkeypatch):
+    from fastllm.ops._checks import INT8_MAX_K
+
+    assert INT8_MAX_K == 133_144 and INT8_MAX_K * 127**2 <= 2**31 - 1 < (INT8_MAX_K + 1) * 127**2
+
+    def no_dispatch(*args, **kwargs):
+        raise AssertionError("an int8 kernel was chosen for a K that overflows int32")
+
+    monkeypatch.setattr(backend, "select", no_dispatch)  # refused before any backend runs
+    for what, call in _int8_calls(INT8_MAX_K + 1).items():
+        with pytest.raises(ValueError, match=r"K = 133145 .*expected K <= 133144") as info:
+            call()
+        assert "int32 accumulator" in str(info.value), what
+
+
+@pytest.mark.parametrize("name", available_backends("int8_linear"))
+def test_int8_k_at_accumulator_limit_is_exact(name):
+    # K = 133,144 products of 127 * 127 sum to 2,147,479,576 <= 2**31 - 1: no overflow
+    K = 133_144 if name != "cuda" else 133_136  # the CUDA kernel takes K % 16 == 0 only
+    calls = _int8_calls(K)
+    with fastllm.use_backend(name):
+        out = calls["int8_linear"]()
+        op_out = calls["op.int8_linear"]()
+    expect = torch.tensor([[K * 127 * 127]], dtype=torch.float32, device=DEVICE)
+    assert torch.equal(out, expect) and torch.equal(op_out, expect)
+    if name in available_backends("int8_dynamic_linear"):
+        with fastllm.use_backend(name):
+            dyn = calls["int8_dynamic_linear"]()  # x = 1 quantizes to 127 with scale 1/127
+        assert rel_err(dyn, torch.tensor([[K * 127.0]], device=DEVICE)) <= 1e-6
+
+
+def test_reference_accumulator_refuses_to_wrap():
+    # the reference's exact int32 accumulator says so where a sum leaves int32
+    x = torch.full((1, 133_145), 127, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"K = 133145\) holds sums in \[2147495705, 2147495705\]"):
+        reference.int8_matmul_int32(x, x)
+    assert reference.int8_matmul_int32(x[:, 1:], x[:, 1:]).item() == 2_147_479_576
+
+
+# --- the cpu backend's launchers (fastllm/native/cpu.py) -------------------------------------
+
+
+@pytest.mark.skipif(
+    "cpu" not in available_backends("quantize_per_token", torch.device("cpu")),
+    reason="fastllm._C (C++ CPU kernels) is not built",
+)
+def test_cpu_launchers_take_any_layout():
+    from fastllm.native import cpu as native_cpu
+
+    # a column of one element (K = 1) has any stride: (K, 1) from a transposed (1, K)
+    x = torch.randn(1, 40).t()
+    for q, ref in zip(native_cpu.quantize_per_token(x), reference.quantize_per_token(x)):
+        assert torch.equal(q, ref)
+    x = torch.randn(7, 40).t()  # (40, 7), last dimension not unit-stride: copied
+    for q, ref in zip(native_cpu.quantize_per_token(x), reference.quantize_per_token(x)):
+        assert torch.equal(q, ref)
+    with pytest.raises(ValueError, match=r"x must be a 2-D CPU tensor, got shape \(2, 3, 4\)"):
+        native_cpu.quantize_per_token(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="acc must be a contiguous 2-D int32"):
+        native_cpu.epilogue(torch.zeros(4, 4).t(), torch.ones(4), torch.ones(4), None, x.dtype)
+    # one row whose row stride is 0 (as_strided, contiguous in PyTorch's sense): the
+    # W8A16 kernel takes any row stride for one row
+    w_int8, w_scale = _weight(8, 40)
+    row = torch.randn(40)
+    x = row.as_strided((1, 40), (0, 1))
+    assert x.is_contiguous()
+    expect = reference.int8_weight_only_linear(row[None], w_int8, w_scale)
+    assert rel_err(native_cpu.w8a16_linear(x, w_int8, w_scale), expect) <= 1e-6
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 

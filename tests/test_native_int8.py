@@ -45,6 +45,15 @@ def test_cpu_tensors_are_refused():
     assert nint8.supports_w8a16(x, w, torch.rand(16)) is not None
 
 
+def test_quantize_launcher_refuses_other_devices_with_value_error():
+    # the CUDA quantize_per_token launcher (fastllm/native/quant.py) checks with an error
+    # naming the argument, not an assert (which python -O would strip)
+    from fastllm.native import quant as nquant
+
+    with pytest.raises(ValueError, match=r"x must be a 2-D CUDA tensor, got shape \(3, 8\) on cpu"):
+        nquant.quantize_per_token(torch.randn(3, 8))
+
+
 def test_w8a8_supports_reasons(any_device):
     assert nint8.supports_w8a8(*_w8a8_inputs()) is None
     assert nint8.supports_w8a8(*_w8a8_inputs(bias=False, out=torch.float32)) is None

@@ -170,3 +170,11 @@ def test_gpu_sqnr_real_size(mode, min_db, M):
         ref = lin.float()(x.float())
     assert sqnr_db(q(x), ref) >= min_db
     assert q.last_backend in ("cuda", "triton")
+
+
+def test_w8a8_refuses_k_past_int32_accumulator():
+    # K * 127**2 must fit the int32 accumulator: refused when built, before any allocation
+    with pytest.raises(ValueError, match=r"K = 133145 .*expected K <= 133144"):
+        Int8Linear(133_145, 1, mode="w8a8", device="meta")
+    Int8Linear(133_144, 1, mode="w8a8", device="meta")
+    Int8Linear(133_145, 1, mode="w8a16", device="meta")  # float accumulation: no limit

@@ -167,3 +167,11 @@ def test_bad_input():
     sd["col_indices"] = sd["col_indices"] + 10
     with pytest.raises(ValueError, match="col_indices must lie in"):
         BlockSparseLinear(64, 32, block_size=(16, 16)).load_state_dict(sd)
+
+
+def test_int8_refuses_k_past_int32_accumulator():
+    # a 2:4 row sums in_features/2 int8 products: in_features <= 2 * 133,144
+    with pytest.raises(ValueError, match=r"K = 266292 .*expected K <= 266288"):
+        Sparse24Linear(266_292, 1, int8=True, device="meta")
+    Sparse24Linear(266_288, 1, int8=True, device="meta")
+    Sparse24Linear(266_292, 1, device="meta")  # float: no limit

@@ -71,6 +71,37 @@ def test_non_contiguous_input(name):
     assert torch.equal(q, ref_q) and torch.equal(s, ref_s)
 
 
+_VIEWS = {
+    "one_column": lambda: torch.randn(1, 40, device=DEVICE).t(),  # (40, 1), strides (1, 40)
+    "transposed": lambda: torch.randn(7, 40, device=DEVICE).t(),
+    "column_major": lambda: torch.randn(40, 7, device=DEVICE).t().contiguous().t(),
+    "every_other_row": lambda: torch.randn(10, 40, device=DEVICE)[::2],
+    "every_other_column": lambda: torch.randn(5, 80, device=DEVICE)[:, ::2],
+    "transposed_3d": lambda: torch.randn(6, 3, 5, device=DEVICE).transpose(0, 2),
+}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("view", list(_VIEWS))
+def test_strided_input_public_and_registered_op(name, view):
+    # the registered op is reachable past the public function: it lays x out itself
+    x = _VIEWS[view]()
+    ref_q, ref_s = reference.quantize_per_token(x.contiguous())
+    with fastllm.use_backend(name):
+        outs = [fastllm.ops.quantize_per_token(x), torch.ops.fastllm.quantize_per_token(x)]
+    for q, s in outs:
+        assert torch.equal(q, ref_q) and torch.equal(s, ref_s), view
+
+
+def test_registered_op_checks_input():
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        torch.ops.fastllm.quantize_per_token(torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"dim 2 is out of range for w of shape \(3, 4\)"):
+        torch.ops.fastllm.quantize_per_channel(torch.ones(3, 4), 2)
+    q, s = torch.ops.fastllm.quantize_per_token(torch.ones(2, 0, 3))
+    assert q.shape == (2, 0, 3) and s.shape == (2, 0)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 8), (4, 0), (2, 0, 5)])
 def test_empty(name, shape):

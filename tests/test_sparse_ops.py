@@ -15,9 +15,9 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 SMALL = not HAS_GPU
 
 
-def _run(op, name, *args):
+def _run(op, name, *args, **kwargs):
     with fastllm.use_backend(name):
-        out = getattr(fastllm.ops, op)(*args)
+        out = getattr(fastllm.ops, op)(*args, **kwargs)
     assert fastllm.last_backend(op) == name
     return out
 
@@ -274,6 +274,218 @@ def test_block_bad_input():
     if DEVICE.type == "cpu":  # index contents are checked for CPU tensors
         with pytest.raises(ValueError, match=r"col_indices must lie in \[0, 4\)"):
             op(x, bsw._replace(col_indices=bsw.col_indices + 4))
+
+
+# --- unchecked index values: read within bounds on every backend --------------------------
+
+_INVALID_INDICES = r"""
+import sys
+import torch
+import fastllm
+from fastllm.sparse import BlockSparseWeight
+
+name = sys.argv[1]
+ops = torch.ops.fastllm
+
+
+def any_int(shape, high, g):
+    # half near the valid range (off-by-a-few), half anywhere in int32 / int16
+    big = torch.randint(-(2**31), 2**31 - 1, shape, generator=g).to(torch.int32)
+    near = torch.randint(-3, high + 4, shape, generator=g).to(torch.int32)
+    return torch.where(torch.rand(shape, generator=g) < 0.5, near, big)
+
+
+block = torch.compile(
+    lambda x, bsw: fastllm.ops.block_sparse_linear(x, bsw), fullgraph=True, backend="eager"
+)
+s24 = torch.compile(
+    lambda x, v, m: fastllm.ops.sparse24_linear(x, v, m), fullgraph=True, backend="eager"
+)
+for seed in range(4):
+    g = torch.Generator().manual_seed(seed)
+    # float32 M <= 64: the torch backend's MKL BSR path; M = 80 and bfloat16: to_dense
+    for M, dtype in ((3, torch.float32), (80, torch.float32), (5, torch.bfloat16)):
+        N, K, bn, bk, nnz = 64, 96, 16, 16, 9
+        crow, col = any_int((N // bn + 1,), nnz, g), any_int((nnz,), K // bk, g)
+        blocks = torch.randn(nnz, bn, bk, generator=g).to(dtype)
+        bsw = BlockSparseWeight(crow, col, blocks, (N, K), (bn, bk))
+        x = torch.randn(M, K, generator=g).to(dtype)
+        with fastllm.use_backend(name):
+            ys = [
+                block(x, bsw),
+                ops.block_sparse_linear(x, crow, col, blocks, None, N),
+                fastllm.ops.block_sparse_linear(x, bsw, validate=False),
+            ]
+        for y in ys:
+            assert y.shape == (M, N) and torch.isfinite(y).all(), (seed, M, dtype)
+    # 2:4 metadata with any bits (nibbles with i0 >= i1 included)
+    N, K = 24, 96
+    meta = torch.randint(-(2**15), 2**15, (N, K // 16), generator=g).to(torch.int16)
+    for x, values in (
+        (torch.randn(3, K, generator=g), torch.randn(N, K // 2, generator=g)),
+        (torch.randint(-127, 128, (3, K), generator=g).to(torch.int8),
+         torch.randint(-127, 128, (N, K // 2), generator=g).to(torch.int8)),
+    ):
+        with fastllm.use_backend(name):
+            for call in (s24, ops.sparse24_linear):
+                try:
+                    y = call(x, values, meta) if call is s24 else call(x, values, meta, None)
+                except ValueError as e:  # the reference decompresses with its checks
+                    assert name == "reference" and "metadata" in str(e), e
+                    continue
+                assert y.shape == (3, N) and (y.dtype == torch.int32 or torch.isfinite(y).all())
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("name", available_backends("block_sparse_linear", torch.device("cpu")))
+def test_invalid_indices_are_read_in_bounds(name):
+    # Random crow/col (not monotone, past nnz, negative, huge) and 2:4 metadata, unchecked:
+    # under torch.compile, through torch.ops.fastllm, and with validate=False. Wrong numbers
+    # are allowed, a read out of bounds is not: in a subprocess, so a crash fails the test.
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _INVALID_INDICES, name],
+        env={**os.environ, "TORCHDYNAMO_VERBOSE": "0"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stderr[-3000:])
+
+
+def test_validate_switch():
+    bsw = _weight_block(32, 64, (16, 16), 0.5, torch.float32)
+    bad = bsw._replace(col_indices=bsw.col_indices + 4)
+    x = torch.randn(3, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"col_indices must lie in \[0, 4\)"):
+        fastllm.ops.block_sparse_linear(x, bad, validate=True)
+    if DEVICE.type == "cpu":  # checked by default where it costs no sync
+        with pytest.raises(ValueError, match=r"col_indices must lie in \[0, 4\)"):
+            fastllm.ops.block_sparse_linear(x, bad)
+    clamped = bsw._replace(col_indices=torch.full_like(bsw.col_indices, 3))
+    for name in available_backends("block_sparse_linear"):
+        y = _run("block_sparse_linear", name, x, bad, validate=False)  # read as column 3
+        assert torch.equal(y, _run("block_sparse_linear", name, x, clamped, validate=False))
+
+
+def test_to_dense_reads_invalid_indices_in_range():
+    w = torch.randn(32, 64, device=DEVICE)
+    bsw = to_block_sparse(w, prune(w, "block", block_size=(16, 16), density=0.5), (16, 16))
+    crow = torch.tensor([5, -7, 2**30], dtype=torch.int32, device=DEVICE)
+    col = torch.full_like(bsw.col_indices, -9)
+    dense = bsw._replace(crow_indices=crow, col_indices=col).to_dense()
+    # read as crow = [0, 0, nnz], columns 0: every tile lands in block (1, 0)
+    assert dense.shape == (32, 64) and torch.isfinite(dense).all()
+    assert (dense[:16] == 0).all() and (dense[16:, 16:] == 0).all()
+
+
+# --- every tensor argument as a strided view, on every backend -----------------------------
+
+
+def _strided(t: torch.Tensor, garbage) -> torch.Tensor:
+    """t's values as a view that is not contiguous: the even rows of a tensor twice as long
+    whose odd rows hold `garbage`, so that reading the view as contiguous gives wrong values."""
+    big = torch.empty((2 * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    big[0::2], big[1::2] = t, garbage
+    return big[0::2]
+
+
+def _op_args(op):
+    """Contiguous arguments of torch.ops.fastllm.<op>, by name, and the views of each: the
+    garbage next to index tensors is in range, so a misread gives wrong numbers, not a crash."""
+    x = torch.randn(5, 64, device=DEVICE)
+    views = {"x": _strided(x, float("nan")), "x_t": x.t().contiguous().t()}
+    if op == "sparse24_linear":
+        values, metadata = _weight24(24, 64, torch.float32)
+        args = dict(x=x, values=values, metadata=metadata, bias=torch.randn(24, device=DEVICE))
+        views["metadata"] = _strided(metadata, _weight24(24, 64, torch.float32)[1])
+    else:
+        bsw = _weight_block(32, 64, (16, 16), 0.5, torch.float32)
+        crow, col, blocks = bsw[:3]
+        args = dict(x=x, crow_indices=crow, col_indices=col, blocks=blocks)
+        args.update(bias=torch.randn(32, device=DEVICE), N=32)
+        views["crow_indices"] = _strided(crow, crow)  # read as contiguous: [0, 0, c1, ...]
+        views["col_indices"] = _strided(col, (col + 1) % 4)
+    for name, t in args.items():
+        if name not in views and isinstance(t, torch.Tensor):
+            views[name] = _strided(t, float("nan"))
+    return args, views
+
+
+def _public(op, args):
+    if op == "sparse24_linear":
+        return fastllm.ops.sparse24_linear(
+            args["x"], args["values"], args["metadata"], args["bias"]
+        )
+    bsw = fastllm.sparse.BlockSparseWeight(
+        args["crow_indices"], args["col_indices"], args["blocks"], (32, 64), (16, 16)
+    )
+    return fastllm.ops.block_sparse_linear(args["x"], bsw, args["bias"])
+
+
+_STRIDED_CASES = [
+    (op, name, arg) for op in OPS for name in available_backends(op) for arg in _op_args(op)[1]
+]
+
+
+@pytest.mark.parametrize("op, name, arg", _STRIDED_CASES)
+def test_strided_arguments(op, name, arg):
+    args, views = _op_args(op)
+    call = getattr(torch.ops.fastllm, op)
+    with fastllm.use_backend(name):
+        expect = call(*args.values())
+        strided = {**args, arg.removesuffix("_t"): views[arg]}
+        assert not strided[arg.removesuffix("_t")].is_contiguous()
+        y_op = call(*strided.values())  # the registered op, past the public function
+        y_public = _public(op, strided)
+    assert rel_err(y_op, expect) <= 1e-6 and rel_err(y_public, expect) <= 1e-6
+
+
+def test_registered_ops_check_shapes():
+    # a direct torch.ops.fastllm call is checked like the public function (no value reads)
+    bsw = _weight_block(32, 64, (16, 16), 0.5, torch.float32)
+    x = torch.randn(3, 64, device=DEVICE)
+    ops = torch.ops.fastllm
+    with pytest.raises(ValueError, match=r"crow_indices has 2 entries"):
+        ops.block_sparse_linear(x, bsw.crow_indices[:2], *bsw[1:3], None, 32)
+    with pytest.raises(ValueError, match=r"blocks has shape .*expected \(\d+, 16, 16\)"):
+        ops.block_sparse_linear(x, bsw.crow_indices, bsw.col_indices[:1], bsw.blocks, None, 32)
+    with pytest.raises(ValueError, match=r"bias has shape \(24,\); expected \(32,\)"):
+        ops.block_sparse_linear(x, *bsw[:3], torch.randn(24, device=DEVICE), 32)
+    values, metadata = _weight24(24, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"metadata has shape \(24, 3\)"):
+        ops.sparse24_linear(x, values, torch.zeros(24, 3, dtype=torch.int16), None)
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        ops.sparse24_linear(x[None], values, metadata, None)
+
+
+def _all_127_24(K):
+    """int8 x = 127 and a 2:4 weight of 127s: each output sums K/2 products of 127 * 127."""
+    dense = torch.tensor([127, 127, 0, 0], dtype=torch.int8, device=DEVICE).repeat(1, K // 4)
+    return (torch.full((1, K), 127, dtype=torch.int8, device=DEVICE), *compress_24(dense))
+
+
+def test_sparse24_int8_k_limit():
+    # a 2:4 row sums K/2 int8 products: the int32 accumulator holds K <= 2 * 133,144
+    from fastllm.ops._checks import INT8_MAX_K
+
+    K = 2 * INT8_MAX_K + 4
+    x, values, metadata = _all_127_24(K)
+    match = rf"K = {K} .*expected K <= {2 * INT8_MAX_K}"
+    with pytest.raises(ValueError, match=match):
+        fastllm.ops.sparse24_linear(x, values, metadata)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastllm.sparse24_linear(x, values, metadata, None)
+    x, values, metadata = _all_127_24(2 * INT8_MAX_K)
+    for name in available_backends("sparse24_linear"):
+        if name == "triton" and SMALL:
+            continue  # 2,000 K steps under the interpreter: torch and reference suffice
+        y = _run("sparse24_linear", name, x, values, metadata)
+        assert y.item() == INT8_MAX_K * 127 * 127 == 2_147_479_576
 
 
 # --- GPU: real sizes, every backend -----------------------------------------------------------

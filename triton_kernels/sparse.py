@@ -49,13 +49,15 @@ def _block_sparse_linear_kernel(
     m_mask = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
 
-    start = tl.load(crow_ptr + r)
-    end = tl.minimum(tl.load(crow_ptr + r + 1), NNZ)  # never read past the last tile
+    # unchecked crow values: read only tiles 0 <= i < NNZ (a bad crow gives wrong sums)
+    start = tl.maximum(tl.load(crow_ptr + r), 0)
+    end = tl.minimum(tl.load(crow_ptr + r + 1), NNZ)
     tile_ptrs = blocks_ptr + start.to(tl.int64) * (BN * BK) + offs_n[:, None] * BK + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
     for i in range(start, end):
-        # a bad column index reads zeros instead of out of bounds
-        k = tl.load(col_ptr + i).to(tl.int64) * BK + offs_k
+        # a bad column index is read clamped into [0, KB), as clamp_block_indices does
+        c = tl.minimum(tl.maximum(tl.load(col_ptr + i), 0), KB - 1)
+        k = c.to(tl.int64) * BK + offs_k
         x_mask = m_mask[:, None] & ((k >= 0) & (k < KB * BK))[None, :]
         x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)
         tile = tl.load(tile_ptrs)  # [BN, BK]; tile i < NNZ
@@ -169,7 +171,8 @@ def _block_m(M: int) -> int:
 
 def block_sparse_linear(x, crow, col, blocks, bias, N: int) -> torch.Tensor:
     """x [M, K] (unit stride on K), crow int32 [N/bn+1], col int32 [nnz], blocks
-    [nnz, bn, bk] contiguous with bn, bk powers of 2 >= 16, bias [N] or None -> y [M, N]."""
+    [nnz, bn, bk] contiguous with bn, bk powers of 2 >= 16, bias [N] or None -> y [M, N].
+    The index values may be anything: the kernel reads within bounds whatever they hold."""
     M, K = x.shape
     nnz, bn, bk = blocks.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)

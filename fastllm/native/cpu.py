@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastllm import native
-from fastllm.native.int8 import bias_args
+from fastllm.native.int8 import _ld, bias_args
 
 
 def available_reason() -> str | None:
@@ -44,10 +44,14 @@ def device_reason(*tensors: torch.Tensor | None) -> str | None:
 def quantize_per_token(
     x: torch.Tensor, smooth_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] CPU, float32/float16/bfloat16, stride(-1) == 1 -> (int8 [M, K], float32 [M]),
-    of x.float() / smooth_scale (float32 [K] contiguous) when that is given."""
-    assert x.device.type == "cpu" and x.dim() == 2 and x.stride(-1) == 1, "unchecked input"
+    """x: [M, K] CPU, float32/float16/bfloat16, any strides -> (int8 [M, K], float32 [M]),
+    of x.float() / smooth_scale (float32 [K] contiguous) when that is given. The kernel
+    reads rows at x.stride(0) and elements at unit stride: other layouts are copied."""
+    if x.device.type != "cpu" or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D CPU tensor, got shape {tuple(x.shape)} on {x.device}")
     rows, cols = x.shape
+    if cols > 1 and x.stride(1) != 1:  # a dimension of size 1 has no stride to honour
+        x = x.contiguous()
     q = torch.empty((rows, cols), dtype=torch.int8)
     scale = torch.empty((rows,), dtype=torch.float32)
     if rows == 0:
@@ -75,8 +79,13 @@ def epilogue(
 ) -> torch.Tensor:
     """float(acc) * x_scale[:, None] * w_scale + bias, cast to out_dtype.
 
-    acc: [M, N] int32 contiguous, consumed: a float32 result is written over it."""
-    assert acc.dtype == torch.int32 and acc.is_contiguous(), "unchecked input"
+    acc: [M, N] int32 contiguous, consumed: a float32 result is written over it.
+    x_scale [M], w_scale [N] float32 and bias [N]: contiguous (the op layer made them so)."""
+    if acc.dtype != torch.int32 or acc.dim() != 2 or not acc.is_contiguous():
+        raise ValueError(
+            f"acc must be a contiguous 2-D int32 accumulator, got {acc.dtype} of shape "
+            f"{tuple(acc.shape)} and strides {acc.stride()}"
+        )
     M, N = acc.shape
     out = (
         acc.view(torch.float32)
@@ -153,9 +162,9 @@ def w8a16_linear(x, w_int8, w_scale, bias=None) -> torch.Tensor:
     native.module().int8_w8a16_cpu(
         x.data_ptr(),
         native.dtype_code(x),
-        x.stride(0),
+        _ld(x),
         w_int8.data_ptr(),
-        w_int8.stride(0),
+        _ld(w_int8),
         w_scale.data_ptr(),
         *bias_args(bias),
         out.data_ptr(),

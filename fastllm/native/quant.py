@@ -8,9 +8,13 @@ from fastllm import native
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] CUDA, fp32/fp16/bf16, stride(-1) == 1 -> (int8 [M, K], float32 [M])."""
-    assert x.is_cuda and x.dim() == 2 and x.stride(-1) == 1, "launcher called with unchecked input"
+    """x: [M, K] CUDA, fp32/fp16/bf16, any strides -> (int8 [M, K], float32 [M]). The kernel
+    reads rows at x.stride(0) and elements at unit stride: other layouts are copied."""
+    if not x.is_cuda or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D CUDA tensor, got shape {tuple(x.shape)} on {x.device}")
     rows, cols = x.shape
+    if cols > 1 and x.stride(1) != 1:  # a dimension of size 1 has no stride to honour
+        x = x.contiguous()
     q = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
     scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
     if rows == 0 or cols == 0:

@@ -21,6 +21,7 @@ from torch import nn
 
 from fastllm import backend
 from fastllm import ops as fops
+from fastllm.ops._checks import check_int8_k
 
 MODES = ("w8a8", "w8a16")
 _OPS = {"w8a8": "int8_dynamic_linear", "w8a16": "int8_weight_only_linear"}
@@ -67,9 +68,12 @@ class Int8Linear(nn.Module):
         device=None,
         dtype=None,
     ):
-        """An all-zero layer to load a state_dict into. dtype: the bias dtype."""
+        """An all-zero layer to load a state_dict into. dtype: the bias dtype. mode "w8a8"
+        takes in_features <= 133,144 (the int32 accumulator; ValueError beyond)."""
         super().__init__()
         self.mode = _check_mode(mode)
+        if mode == "w8a8":
+            check_int8_k(in_features)
         self.in_features, self.out_features = in_features, out_features
         dtype = dtype or torch.get_default_dtype()
         self.register_buffer(

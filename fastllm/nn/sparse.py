@@ -15,6 +15,7 @@ from torch import nn
 
 from fastllm import backend
 from fastllm import ops as fops
+from fastllm.ops._checks import INT8_MAX_K, check_int8_k
 from fastllm.sparse.format import (
     BlockSparseWeight,
     check_block_size,
@@ -59,6 +60,8 @@ class Sparse24Linear(nn.Module):
         super().__init__()
         if in_features % 4:
             raise ValueError(f"in_features = {in_features}; 2:4 sparsity needs a multiple of 4")
+        if int8:
+            check_int8_k(in_features, 2 * INT8_MAX_K)  # a 2:4 row sums in_features/2 products
         self.in_features, self.out_features, self.int8 = in_features, out_features, int8
         dtype = dtype or torch.get_default_dtype()
         vdtype = torch.int8 if int8 else dtype

@@ -43,3 +43,30 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[-1] > 1 and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return x2
+
+
+# --- sparse and int8 ops -------------------------------------------------------------------
+
+
+def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors as every backend of the sparse and int8 ops reads them: contiguous
+    (None stays None; a tensor that already is comes back as it is). The registered ops
+    apply it, so that a direct torch.ops.fastllm call reads views like the public functions."""
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
+
+
+# The int8 GEMMs sum K products of int8 values in an int32 accumulator. With values in
+# [-127, 127] (what quantize_per_token and quantize_per_channel give) a sum reaches
+# K * 127**2, which stays within 2**31 - 1 up to K = 133,144. (-128 would lower it to 131,071.)
+INT8_MAX_K = (2**31 - 1) // 127**2
+
+
+def check_int8_k(K: int, max_k: int = INT8_MAX_K) -> None:
+    """K (in_features) is small enough for the exact int32 accumulator of an int8 GEMM
+    (a 2:4 weight sums only K/2 products per output: max_k = 2 * INT8_MAX_K)."""
+    if K > max_k:
+        raise ValueError(
+            f"K = {K} is too large for the int32 accumulator of the int8 kernels: sums of "
+            f"int8 products (up to 127 * 127 each) can pass 2**31 - 1; expected K <= {max_k} "
+            "(split the layer along K, or use a float or W8A16 path)"
+        )

@@ -1,9 +1,11 @@
 """int8 linear ops: W8A8 with a fused dequantization epilogue, and W8A16 weight-only.
 
-Backend implementations receive normalized arguments (validated by the public
-functions below; the custom ops pass them through unchanged) and return a new
-contiguous tensor. All tensors are on one device; M >= 1, N >= 1, K >= 1 (the public
-functions answer empty inputs and K = 0 themselves).
+Backend implementations receive normalized arguments and return a new contiguous
+tensor: the registered ops check them as the public functions do (so a direct
+torch.ops.fastllm call is checked too) and make every tensor contiguous. All tensors
+are on one device; M >= 1, N >= 1, K >= 1 (the public functions answer empty inputs
+and K = 0 themselves); K <= 133,144 for the W8A8 ops (the int32 accumulator holds
+K * 127**2: larger K is refused with a ValueError before any work).
 
 ``int8_linear`` impl(x_int8, x_scale, w_int8, w_scale, bias, out_dtype) -> out
     x_int8    [M, K]   int8, contiguous
@@ -63,7 +65,14 @@ import torch.nn.functional as F
 from fastllm import backend, reference
 from fastllm.native import cpu as native_cpu
 from fastllm.native import int8 as native_int8
-from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, rows_view
+from fastllm.ops._checks import (
+    FLOAT_DTYPES,
+    check_int8_k,
+    check_same_device,
+    check_tensor,
+    contiguous,
+    rows_view,
+)
 from fastllm.ops.quant import _quantize_torch
 
 # --- int8_linear backends -------------------------------------------------------------
@@ -228,64 +237,7 @@ backend.register(
 )(native_cpu.w8a16_linear)
 
 
-# The public functions call the registered ops through torch.ops: the same op as the
-# custom_op objects below, without their Python wrapper's cost per call (~18 us on a CPU).
-_OPS = torch.ops.fastllm
-
-# --- registered ops ---------------------------------------------------------------------
-
-
-@torch.library.custom_op("fastllm::int8_linear", mutates_args=())
-def _int8_linear_op(
-    x_int8: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_int8: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    args = (x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
-    name = backend.select("int8_linear", x_int8.device, *args)
-    return backend.implementation("int8_linear", name)(*args)
-
-
-@_int8_linear_op.register_fake
-def _(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
-    return x_int8.new_empty((x_int8.shape[0], w_int8.shape[0]), dtype=out_dtype)
-
-
-@torch.library.custom_op("fastllm::int8_dynamic_linear", mutates_args=())
-def _int8_dynamic_linear_op(
-    x: torch.Tensor,
-    w_int8: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    smooth_scale: torch.Tensor | None,
-) -> torch.Tensor:
-    args = (x, w_int8, w_scale, bias, smooth_scale)
-    name = backend.select("int8_dynamic_linear", x.device, *args)
-    return backend.implementation("int8_dynamic_linear", name)(*args)
-
-
-@_int8_dynamic_linear_op.register_fake
-def _(x, w_int8, w_scale, bias, smooth_scale):
-    return x.new_empty((x.shape[0], w_int8.shape[0]))
-
-
-@torch.library.custom_op("fastllm::int8_weight_only_linear", mutates_args=())
-def _int8_weight_only_linear_op(
-    x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    name = backend.select("int8_weight_only_linear", x.device, x, w_int8, w_scale, bias)
-    return backend.implementation("int8_weight_only_linear", name)(x, w_int8, w_scale, bias)
-
-
-@_int8_weight_only_linear_op.register_fake
-def _(x, w_int8, w_scale, bias):
-    return x.new_empty((x.shape[0], w_int8.shape[0]))
-
-
-# --- checks shared by the public functions ---------------------------------------------
+# --- checks shared by the public functions and the registered ops -------------------------
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -311,7 +263,7 @@ def _out_dtype(out_dtype) -> torch.dtype:
     return dtype
 
 
-def _check_weight(x_name: str, x: torch.Tensor, w_int8, w_scale, bias) -> None:
+def _check_weight(x_name: str, x: torch.Tensor, w_int8, w_scale, bias) -> tuple[int, int]:
     check_tensor("w_int8", w_int8, dtypes=(torch.int8,), dim=2)
     N, K = w_int8.shape
     if x.shape[-1] != K:
@@ -331,6 +283,50 @@ def _check_weight(x_name: str, x: torch.Tensor, w_int8, w_scale, bias) -> None:
         if tuple(bias.shape) != (N,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({N},) or None")
     check_same_device(**{x_name: x, "w_int8": w_int8, "w_scale": w_scale, "bias": bias})
+    return N, K
+
+
+def _check_float_x(x: torch.Tensor, op: str) -> None:
+    if isinstance(x, torch.Tensor) and x.dtype == torch.int8:
+        raise TypeError(
+            f"x has dtype torch.int8; {op} takes float activations (float32, float16, "
+            "bfloat16) -- for int8 activations use fastllm.ops.int8_linear"
+        )
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+
+
+def _check_int8_linear(x_int8, x_scale, w_int8, w_scale, bias) -> tuple[int, int]:
+    check_tensor("x_int8", x_int8, dtypes=(torch.int8,), min_dim=1)
+    check_tensor("x_scale", x_scale, dtypes=(torch.float32,))
+    if x_scale.shape != x_int8.shape[:-1]:
+        raise ValueError(
+            f"x_scale has shape {tuple(x_scale.shape)}; expected {tuple(x_int8.shape[:-1])}, "
+            "one scale per row of x_int8 (x_int8.shape[:-1])"
+        )
+    N, K = _check_weight("x_int8", x_int8, w_int8, w_scale, bias)
+    check_same_device(x_int8=x_int8, x_scale=x_scale)
+    check_int8_k(K)
+    return N, K
+
+
+def _check_dynamic(x, w_int8, w_scale, bias, smooth_scale) -> tuple[int, int]:
+    _check_float_x(x, "int8_dynamic_linear")
+    N, K = _check_weight("x", x, w_int8, w_scale, bias)
+    if smooth_scale is not None:
+        check_tensor("smooth_scale", smooth_scale, dtypes=(torch.float32,))
+        if tuple(smooth_scale.shape) != (K,):
+            raise ValueError(
+                f"smooth_scale has shape {tuple(smooth_scale.shape)}; expected ({K},), one "
+                "factor per input channel (x.shape[-1])"
+            )
+        check_same_device(x=x, smooth_scale=smooth_scale)
+    check_int8_k(K)
+    return N, K
+
+
+def _check_weight_only(x, w_int8, w_scale, bias) -> tuple[int, int]:
+    _check_float_x(x, "int8_weight_only_linear")
+    return _check_weight("x", x, w_int8, w_scale, bias)
 
 
 def _empty_or_k0(x, N, bias, out_dtype):
@@ -341,8 +337,70 @@ def _empty_or_k0(x, N, bias, out_dtype):
     return out.to(out_dtype)
 
 
-def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.contiguous() if t is not None else None
+# The public functions call the registered ops through torch.ops: the same op as the
+# custom_op objects below, without their Python wrapper's cost per call (~18 us on a CPU).
+_OPS = torch.ops.fastllm
+
+# --- registered ops ---------------------------------------------------------------------
+# Each checks its arguments as the public function does (a direct torch.ops.fastllm call
+# included) and hands the backends contiguous tensors.
+
+
+@torch.library.custom_op("fastllm::int8_linear", mutates_args=())
+def _int8_linear_op(
+    x_int8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    check_tensor("x_int8", x_int8, dim=2)
+    _check_int8_linear(x_int8, x_scale, w_int8, w_scale, bias)
+    args = (*contiguous(x_int8, x_scale, w_int8, w_scale, bias), _out_dtype(out_dtype))
+    name = backend.select("int8_linear", x_int8.device, *args)
+    return backend.implementation("int8_linear", name)(*args)
+
+
+@_int8_linear_op.register_fake
+def _(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
+    return x_int8.new_empty((x_int8.shape[0], w_int8.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fastllm::int8_dynamic_linear", mutates_args=())
+def _int8_dynamic_linear_op(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    smooth_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    check_tensor("x", x, dim=2)
+    _check_dynamic(x, w_int8, w_scale, bias, smooth_scale)
+    args = contiguous(x, w_int8, w_scale, bias, smooth_scale)
+    name = backend.select("int8_dynamic_linear", x.device, *args)
+    return backend.implementation("int8_dynamic_linear", name)(*args)
+
+
+@_int8_dynamic_linear_op.register_fake
+def _(x, w_int8, w_scale, bias, smooth_scale):
+    return x.new_empty((x.shape[0], w_int8.shape[0]))
+
+
+@torch.library.custom_op("fastllm::int8_weight_only_linear", mutates_args=())
+def _int8_weight_only_linear_op(
+    x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    check_tensor("x", x, dim=2)
+    _check_weight_only(x, w_int8, w_scale, bias)
+    args = contiguous(x, w_int8, w_scale, bias)
+    name = backend.select("int8_weight_only_linear", x.device, *args)
+    return backend.implementation("int8_weight_only_linear", name)(*args)
+
+
+@_int8_weight_only_linear_op.register_fake
+def _(x, w_int8, w_scale, bias):
+    return x.new_empty((x.shape[0], w_int8.shape[0]))
 
 
 # --- public functions -------------------------------------------------------------------
@@ -367,46 +425,23 @@ def int8_linear(
         w_scale: (N,) float32.
         bias: (N,) float32/float16/bfloat16, or None; added in float32.
         out_dtype: torch.bfloat16 (default), torch.float16 or torch.float32, or its name.
+        Every tensor may be a strided view. K <= 133,144: K * 127**2 must fit the int32
+        accumulator (int8 values in [-127, 127], as the quantize_* ops give).
 
     Returns:
         (..., N) out_dtype. The accumulator is exact int32; scaling and bias are float32.
 
     Raises TypeError for wrong dtypes (float weights, float activations) and non-tensors,
-    ValueError for mismatched K, scales or bias of the wrong shape, a bad out_dtype and
-    tensors on different devices.
+    ValueError for mismatched K, scales or bias of the wrong shape, a bad out_dtype,
+    tensors on different devices and K > 133,144 (checked before any work).
     """
     dtype = _out_dtype(out_dtype)
-    check_tensor("x_int8", x_int8, dtypes=(torch.int8,), min_dim=1)
-    check_tensor("x_scale", x_scale, dtypes=(torch.float32,))
-    if x_scale.shape != x_int8.shape[:-1]:
-        raise ValueError(
-            f"x_scale has shape {tuple(x_scale.shape)}; expected {tuple(x_int8.shape[:-1])}, "
-            "one scale per row of x_int8 (x_int8.shape[:-1])"
-        )
-    _check_weight("x_int8", x_int8, w_int8, w_scale, bias)
-    check_same_device(x_int8=x_int8, x_scale=x_scale)
-    N, K = w_int8.shape
+    N, K = _check_int8_linear(x_int8, x_scale, w_int8, w_scale, bias)
     if x_int8.numel() == 0 or N == 0:
         return _empty_or_k0(x_int8, N, bias, dtype)
-    x2 = rows_view(x_int8).contiguous()
-    out = _OPS.int8_linear(
-        x2,
-        x_scale.reshape(-1).contiguous(),
-        w_int8.contiguous(),
-        w_scale.contiguous(),
-        _contig(bias),
-        dtype,
-    )
+    x2 = rows_view(x_int8)
+    out = _OPS.int8_linear(x2, x_scale.reshape(-1), w_int8, w_scale, bias, dtype)
     return out.view(*x_int8.shape[:-1], N)
-
-
-def _check_float_x(x: torch.Tensor, op: str) -> None:
-    if isinstance(x, torch.Tensor) and x.dtype == torch.int8:
-        raise TypeError(
-            f"x has dtype torch.int8; {op} takes float activations (float32, float16, "
-            "bfloat16) -- for int8 activations use fastllm.ops.int8_linear"
-        )
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
 
 
 def int8_dynamic_linear(
@@ -430,30 +465,18 @@ def int8_dynamic_linear(
             quantization (the cpu backend fuses it; the others divide first). Its values
             are not checked here (that would cost a device sync): they must be finite
             and > 0, as fastllm.nn.Int8Linear checks once.
+        Every tensor may be a strided view. K <= 133,144, as for int8_linear.
 
     Returns:
         (..., N) in x's dtype.
 
-    Raises TypeError/ValueError as int8_linear does (int8 x is a TypeError), and for a
-    smooth_scale that is not float32 of shape (K,) on x's device.
+    Raises TypeError/ValueError as int8_linear does (int8 x is a TypeError; K > 133,144
+    a ValueError), and for a smooth_scale that is not float32 of shape (K,) on x's device.
     """
-    _check_float_x(x, "int8_dynamic_linear")
-    _check_weight("x", x, w_int8, w_scale, bias)
-    N, K = w_int8.shape
-    if smooth_scale is not None:
-        check_tensor("smooth_scale", smooth_scale, dtypes=(torch.float32,))
-        if tuple(smooth_scale.shape) != (K,):
-            raise ValueError(
-                f"smooth_scale has shape {tuple(smooth_scale.shape)}; expected ({K},), one "
-                "factor per input channel (x.shape[-1])"
-            )
-        check_same_device(x=x, smooth_scale=smooth_scale)
+    N, K = _check_dynamic(x, w_int8, w_scale, bias, smooth_scale)
     if x.numel() == 0 or N == 0:
         return _empty_or_k0(x, N, bias, x.dtype)
-    x2 = rows_view(x).contiguous()
-    out = _OPS.int8_dynamic_linear(
-        x2, w_int8.contiguous(), w_scale.contiguous(), _contig(bias), _contig(smooth_scale)
-    )
+    out = _OPS.int8_dynamic_linear(rows_view(x), w_int8, w_scale, bias, smooth_scale)
     return out.view(*x.shape[:-1], N)
 
 
@@ -472,7 +495,7 @@ def int8_weight_only_linear(
 
     Args:
         x: (..., K) float32, float16 or bfloat16, any strides.
-        w_int8: (N, K) int8; w_scale: (N,) float32; bias: (N,) float or None.
+        w_int8: (N, K) int8; w_scale: (N,) float32; bias: (N,) float or None. Any strides.
 
     Returns:
         (..., N) in x's dtype.
@@ -480,11 +503,8 @@ def int8_weight_only_linear(
     Raises TypeError for int8 or non-float x and non-int8 weights, ValueError for
     mismatched K, scales or bias of the wrong shape and tensors on different devices.
     """
-    _check_float_x(x, "int8_weight_only_linear")
-    _check_weight("x", x, w_int8, w_scale, bias)
-    N, K = w_int8.shape
+    N, K = _check_weight_only(x, w_int8, w_scale, bias)
     if x.numel() == 0 or N == 0:
         return _empty_or_k0(x, N, bias, x.dtype)
-    x2 = rows_view(x).contiguous()
-    out = _OPS.int8_weight_only_linear(x2, w_int8.contiguous(), w_scale.contiguous(), _contig(bias))
+    out = _OPS.int8_weight_only_linear(rows_view(x), w_int8, w_scale, bias)
     return out.view(*x.shape[:-1], N)

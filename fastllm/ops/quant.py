@@ -9,7 +9,8 @@ from fastllm.native import cpu as native_cpu
 from fastllm.ops._checks import FLOAT_DTYPES, check_tensor, rows_view
 
 # --- backends ------------------------------------------------------------------------
-# Each takes x as [M, K] with a unit stride on K and returns (int8 [M, K], float32 [M]).
+# Each takes x as [M, K] with a unit stride on K (rows_view: any stride when K = 1) and
+# returns (int8 [M, K], float32 [M]).
 
 
 @backend.register("quantize_per_token", "reference")
@@ -48,6 +49,14 @@ def _quantize_cuda(x2):
     return quantize_per_token(x2)
 
 
+def _empty_quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token of an empty x: no values, scale 1.0 for each row (of length 0)."""
+    return (
+        torch.empty(x.shape, dtype=torch.int8, device=x.device),
+        torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device),
+    )
+
+
 # The public functions call the registered ops through torch.ops: the same op as the
 # custom_op objects below, without their Python wrapper's cost per call (~18 us on a CPU).
 _OPS = torch.ops.fastllm
@@ -57,8 +66,14 @@ _OPS = torch.ops.fastllm
 
 @torch.library.custom_op("fastllm::quantize_per_token", mutates_args=())
 def _quantize_per_token_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    name = backend.select("quantize_per_token", x.device, x)
-    return backend.implementation("quantize_per_token", name)(x)
+    # checked and laid out as by the public function, for a direct torch.ops.fastllm call
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    if x.numel() == 0:
+        return _empty_quantized(x)
+    x2 = rows_view(x)
+    name = backend.select("quantize_per_token", x.device, x2)
+    q, scale = backend.implementation("quantize_per_token", name)(x2)
+    return q.view(x.shape), scale.view(x.shape[:-1])
 
 
 @_quantize_per_token_op.register_fake
@@ -92,12 +107,8 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
     if x.numel() == 0:
-        return (
-            torch.empty(x.shape, dtype=torch.int8, device=x.device),
-            torch.ones(x.shape[:-1], dtype=torch.float32, device=x.device),
-        )
-    q, scale = _OPS.quantize_per_token(rows_view(x))
-    return q.view(x.shape), scale.view(x.shape[:-1])
+        return _empty_quantized(x)
+    return _OPS.quantize_per_token(x)
 
 
 # --- quantize_per_channel ----------------------------------------------------------------
@@ -126,8 +137,27 @@ backend.register(
 )(_per_channel_impl("cpu"))
 
 
+def _check_per_channel(w, dim) -> int:
+    """w and dim checked -> dim in [0, w.dim())."""
+    check_tensor("w", w, dtypes=FLOAT_DTYPES, min_dim=1)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -w.dim() <= dim < w.dim():
+        raise ValueError(
+            f"dim {dim} is out of range for w of shape {tuple(w.shape)}; "
+            f"expected -{w.dim()} <= dim < {w.dim()}"
+        )
+    return dim % w.dim()
+
+
 @torch.library.custom_op("fastllm::quantize_per_channel", mutates_args=())
 def _quantize_per_channel_op(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = _check_per_channel(w, dim)
+    if w.numel() == 0:
+        return (
+            torch.empty(w.shape, dtype=torch.int8, device=w.device),
+            torch.ones((w.shape[dim],), dtype=torch.float32, device=w.device),
+        )
     name = backend.select("quantize_per_channel", w.device, w, dim)
     return backend.implementation("quantize_per_channel", name)(w, dim)
 
@@ -159,18 +189,4 @@ def quantize_per_channel(w: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, t
     Raises TypeError for non-tensors, non-float dtypes and a non-int dim; ValueError for
     0-d tensors and a dim out of range.
     """
-    check_tensor("w", w, dtypes=FLOAT_DTYPES, min_dim=1)
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    if not -w.dim() <= dim < w.dim():
-        raise ValueError(
-            f"dim {dim} is out of range for w of shape {tuple(w.shape)}; "
-            f"expected -{w.dim()} <= dim < {w.dim()}"
-        )
-    dim = dim % w.dim()
-    if w.numel() == 0:
-        return (
-            torch.empty(w.shape, dtype=torch.int8, device=w.device),
-            torch.ones((w.shape[dim],), dtype=torch.float32, device=w.device),
-        )
-    return _OPS.quantize_per_channel(w, dim)
+    return _OPS.quantize_per_channel(w, _check_per_channel(w, dim))

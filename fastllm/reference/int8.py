@@ -14,9 +14,15 @@ from fastllm.reference.quant import quantize_per_token
 
 
 def int8_matmul_int32(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
-    """The int32 accumulator x_int8 @ w_int8.T of x (..., K) and w (N, K), exactly."""
+    """The int32 accumulator x_int8 @ w_int8.T of x (..., K) and w (N, K), exactly.
+    Raises ValueError where a sum does not fit in int32 (rather than wrapping around)."""
     acc = torch.matmul(x_int8.double(), w_int8.double().T)
-    return acc.to(torch.int64).to(torch.int32)
+    if acc.numel() and not -(2**31) <= acc.min().item() <= acc.max().item() <= 2**31 - 1:
+        raise ValueError(
+            f"x_int8 @ w_int8.T (K = {x_int8.shape[-1]}) holds sums in "
+            f"[{int(acc.min().item())}, {int(acc.max().item())}]; expected them within int32"
+        )
+    return acc.to(torch.int32)
 
 
 def int8_linear(

@@ -315,8 +315,23 @@ def from_block_sparse(bsw: BlockSparseWeight) -> torch.Tensor:
     return block_sparse_to_dense(bsw.crow_indices, bsw.col_indices, bsw.blocks, N, K)
 
 
+def clamp_block_indices(
+    crow: torch.Tensor, col: torch.Tensor, nnz: int, kb: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """crow_indices and col_indices as the block-sparse paths read them, whatever they hold:
+    crow clamped to [0, nnz], from 0 to nnz and never decreasing (a running max), col
+    clamped to [0, kb). Valid indices come back unchanged; invalid ones (left unchecked
+    under torch.compile or on a GPU) give wrong numbers, never a read outside the tiles
+    or the weight. Tensor ops only: no device sync."""
+    crow = crow.clamp(0, nnz)
+    crow[0], crow[-1] = 0, nnz
+    return crow.cummax(0).values, col.clamp(0, max(kb - 1, 0))
+
+
 def block_sparse_to_dense(crow, col, blocks, N: int, K: int) -> torch.Tensor:
+    """Dense W (N, K) from BSR tensors; indices read through clamp_block_indices."""
     nnz, bn, bk = blocks.shape
+    crow, col = clamp_block_indices(crow, col, nnz, K // bk)
     counts = (crow[1:] - crow[:-1]).to(torch.int64)
     rows = torch.repeat_interleave(torch.arange(N // bn, device=blocks.device), counts)
     dense = torch.zeros(N // bn, K // bk, bn, bk, dtype=blocks.dtype, device=blocks.device)
@@ -360,20 +375,28 @@ def check_block_sparse(bsw: BlockSparseWeight, *, contents: bool = True) -> tupl
     if not (crow.device == col.device == blocks.device):
         raise ValueError("weight_bsr's tensors are on different devices")
     if contents:
-        steps = crow[1:] - crow[:-1]
-        if crow[0].item() != 0 or crow[-1].item() != nnz or bool((steps < 0).any()):
-            raise ValueError(
-                f"weight_bsr.crow_indices must rise from 0 to nnz = {nnz} without decreasing"
-            )
-        if nnz and (col.min().item() < 0 or col.max().item() >= K // bk):
-            raise ValueError(
-                f"weight_bsr.col_indices must lie in [0, {K // bk}) (K / bk), "
-                f"got values in [{col.min().item()}, {col.max().item()}]"
-            )
-        rows = torch.repeat_interleave(
-            torch.arange(N // bn, device=col.device), steps.to(torch.int64)
-        )
-        same_row = rows[1:] == rows[:-1]
-        if bool((same_row & (col[1:] <= col[:-1])).any()):
-            raise ValueError("weight_bsr.col_indices must ascend within each block-row")
+        check_block_indices(bsw)
     return N, K
+
+
+def check_block_indices(bsw: BlockSparseWeight) -> None:
+    """The index values of a BlockSparseWeight whose shapes check_block_sparse accepted:
+    crow from 0 to nnz, never decreasing; columns in range, ascending per block-row.
+    Reads the indices (a device sync on a GPU)."""
+    crow, col = bsw.crow_indices, bsw.col_indices
+    (N, K), (bn, bk) = bsw.shape, bsw.block_size
+    nnz = col.shape[0]
+    steps = crow[1:] - crow[:-1]
+    if crow[0].item() != 0 or crow[-1].item() != nnz or bool((steps < 0).any()):
+        raise ValueError(
+            f"weight_bsr.crow_indices must rise from 0 to nnz = {nnz} without decreasing"
+        )
+    if nnz and (col.min().item() < 0 or col.max().item() >= K // bk):
+        raise ValueError(
+            f"weight_bsr.col_indices must lie in [0, {K // bk}) (K / bk), "
+            f"got values in [{col.min().item()}, {col.max().item()}]"
+        )
+    rows = torch.repeat_interleave(torch.arange(N // bn, device=col.device), steps.to(torch.int64))
+    same_row = rows[1:] == rows[:-1]
+    if bool((same_row & (col[1:] <= col[:-1])).any()):
+        raise ValueError("weight_bsr.col_indices must ascend within each block-row")
