@@ -37,8 +37,10 @@ test: install
 	$(PY) -m pytest -q
 
 # the C++ CPU kernels built with AddressSanitizer (a build of their own, under build/asan),
-# run against the robustness tests: an out-of-bounds access is a failure, not a wrong number
-ASAN_TESTS ?= tests/test_robustness.py
+# run by every test of the cpu backend, the robustness tests' hostile inputs included: an
+# out-of-bounds access is a failure, not a wrong number
+ASAN_TESTS ?= -k cpu tests/test_robustness.py tests/test_attention.py \
+	tests/test_native_attention.py tests/test_quant.py tests/test_native_int8.py tests/test_int8.py
 asan: install
 	FASTLLM_NO_CUDA=1 FASTLLM_SANITIZE=address $(PY) setup.py -q build_ext \
 		--build-lib build/asan --build-temp build/asan/tmp
