@@ -84,10 +84,17 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillArgs p) 
   if (p.cu_seqlens_q != 0) {
     const int* cu_q = reinterpret_cast<const int*>(p.cu_seqlens_q);
     const int* cu_k = reinterpret_cast<const int*>(p.cu_seqlens_k);
-    q_start = cu_q[b];
-    seqlen_q = cu_q[b + 1] - cu_q[b];
-    k_start = cu_k[b];
-    seqlen_k = cu_k[b + 1] - cu_k[b];
+    // [cu[b], cu[b + 1]) clamped to the packed tensors, as the CPU kernel does: cu_seqlens
+    // left unchecked (validate=False, torch.compile) give wrong rows, never an access out of
+    // bounds
+    auto segment = [](const int* cu, int b, int64_t total, int64_t& start, int& len) {
+      const int64_t lo = cu[b] < 0 ? 0 : (cu[b] > total ? total : cu[b]);
+      const int64_t hi = cu[b + 1] < lo ? lo : (cu[b + 1] > total ? total : cu[b + 1]);
+      start = lo;
+      len = static_cast<int>(hi - lo);
+    };
+    segment(cu_q, b, p.total_q, q_start, seqlen_q);
+    segment(cu_k, b, p.total_k, k_start, seqlen_k);
     q_batch = k_batch = v_batch = o_batch = lse_batch = 0;
   }
   const int q0 = m_block * kBlockM;
