@@ -18,11 +18,10 @@ damaged checkpoints are in test_serialize.py.
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import DEVICE, available_backends, rel_err
+from conftest import DEVICE, HAS_GPU, available_backends, rel_err
 
 import fastllm
 from fastllm import reference
@@ -78,8 +77,12 @@ def _spread(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def test_varlen_cu_seqlens_as_views(name):
     dt = _dtype(name)
     lens_q, lens_k = [3, 0, 5, 1], [4, 2, 5, 3]
-    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q = torch.tensor(
+        [0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE
+    )
+    cu_k = torch.tensor(
+        [0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE
+    )
     q = _rand(int(cu_q[-1]), 4, 16, dtype=dt)
     k, v = _rand(int(cu_k[-1]), 2, 16, dtype=dt), _rand(int(cu_k[-1]), 2, 16, dtype=dt)
     kw = dict(causal=True, max_seqlen_q=5, max_seqlen_k=5)
@@ -100,11 +103,15 @@ def _paged_case(dt, batch=2, page=4, lengths=(6, 9), hkv=2, hq=4, d=16):
     """A paged cache with the sequences' blocks in a shuffled order, and its block table."""
     per_seq = -(-max(lengths) // page)
     num_blocks = batch * per_seq + 2
-    perm = torch.randperm(num_blocks)[: batch * per_seq].view(batch, per_seq).to(torch.int32)
+    perm = (
+        torch.randperm(num_blocks, device=DEVICE)[: batch * per_seq]
+        .view(batch, per_seq)
+        .to(torch.int32)
+    )
     kc = _rand(num_blocks, page, hkv, d, dtype=dt)
     vc = _rand(num_blocks, page, hkv, d, dtype=dt)
     q = _rand(batch, 1, hq, d, dtype=dt)
-    return q, kc, vc, torch.tensor(lengths, dtype=torch.int32), perm
+    return q, kc, vc, torch.tensor(lengths, dtype=torch.int32, device=DEVICE), perm
 
 
 @pytest.mark.parametrize("name", DECODE)
@@ -129,7 +136,7 @@ def test_decode_cache_seqlens_as_int(name):
         _rand(3, 9, 2, 16, dtype=dt),
         _rand(3, 9, 2, 16, dtype=dt),
     )
-    want = _run(name, D, q, kc, vc, torch.full((3,), 7, dtype=torch.int32))
+    want = _run(name, D, q, kc, vc, torch.full((3,), 7, dtype=torch.int32, device=DEVICE))
     assert torch.equal(_run(name, D, q, kc, vc, 7), want)
     with pytest.raises(TypeError, match="cache_seqlens must be an int32/int64 tensor"):
         D(q, kc, vc, 7.0)
@@ -142,17 +149,17 @@ def test_append_index_tensors_as_views(name, form):
     page, hkv, d = 4, 2, 16
     if form == "slots":
         k_new, v_new = _rand(5, hkv, d, dtype=dt), _rand(5, hkv, d, dtype=dt)
-        pos = torch.tensor([3, -1, 9, 17, 0], dtype=torch.int32)
+        pos = torch.tensor([3, -1, 9, 17, 0], dtype=torch.int32, device=DEVICE)
         table, cache_shape = None, (5, page, hkv, d)
     else:
         k_new, v_new = _rand(2, 3, hkv, d, dtype=dt), _rand(2, 3, hkv, d, dtype=dt)
-        pos = torch.tensor([2, 5], dtype=torch.int32)
+        pos = torch.tensor([2, 5], dtype=torch.int32, device=DEVICE)
         if form == "paged":
-            table = torch.tensor([[4, 1, 6], [0, 3, 2]], dtype=torch.int32)
+            table = torch.tensor([[4, 1, 6], [0, 3, 2]], dtype=torch.int32, device=DEVICE)
             cache_shape = (7, page, hkv, d)
         else:
             table, cache_shape = None, (2, 9, hkv, d)
-    kc0 = torch.zeros(cache_shape, dtype=dt)
+    kc0 = torch.zeros(cache_shape, dtype=dt, device=DEVICE)
 
     def append(p, t):
         kc, vc = kc0.clone(), kc0.clone()
@@ -174,11 +181,11 @@ def test_caches_and_new_tokens_as_views(name):
     # a server's combined cache (num_blocks, 2, block_size, H, D): k and v are views with a
     # doubled block stride; new tokens sliced out of a fused qkv projection
     dt = _dtype(name)
-    kv = torch.zeros(6, 2, 4, 2, 16, dtype=dt)
+    kv = torch.zeros(6, 2, 4, 2, 16, dtype=dt, device=DEVICE)
     qkv = _rand(2, 3, 8, 16, dtype=dt)  # (B, n, Hq 4 + Hk 2 + Hv 2, D)
     q, k_new, v_new = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]
-    table = torch.tensor([[3, 0], [5, 1]], dtype=torch.int32)
-    start = torch.tensor([2, 4], dtype=torch.int32)
+    table = torch.tensor([[3, 0], [5, 1]], dtype=torch.int32, device=DEVICE)
+    start = torch.tensor([2, 4], dtype=torch.int32, device=DEVICE)
     kc, vc = kv[:, 0], kv[:, 1]
     _run(name, P, k_new, v_new, kc, vc, start, block_table=table)
     out = _run(name, D, q, kc, vc, start + 3, block_table=table)
@@ -201,7 +208,9 @@ def test_varlen_rows_outside_every_sequence_are_zero(name, monkeypatch):
     poison_empty(monkeypatch)
     dt = _dtype(name)
     q, k, v = _rand(9, 4, 16, dtype=dt), _rand(9, 2, 16, dtype=dt), _rand(9, 2, 16, dtype=dt)
-    cu = torch.tensor([0, 3, 6], dtype=torch.int32)  # rows 6..8 belong to no sequence
+    cu = torch.tensor(
+        [0, 3, 6], dtype=torch.int32, device=DEVICE
+    )  # rows 6..8 belong to no sequence
     out, lse = _run(
         name, A, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3, max_seqlen_k=3,
         validate=False, return_lse=True,
@@ -231,7 +240,7 @@ def test_decode_ignores_unused_cache_slots(name, paged, poison):
         for b, n in enumerate(lens.tolist()):
             kd[b, n:], vd[b, n:] = poison, poison
     else:
-        used = torch.zeros(kd.shape[0] * kd.shape[1], dtype=torch.bool)
+        used = torch.zeros(kd.shape[0] * kd.shape[1], dtype=torch.bool, device=DEVICE)
         for b, n in enumerate(lens.tolist()):
             for p in range(n):
                 used[int(table[b, p // kd.shape[1]]) * kd.shape[1] + p % kd.shape[1]] = True
@@ -267,7 +276,7 @@ def test_prefill_masked_keys_with_non_finite_values(name, poison):
     out = _run(name, A, q, k, vd, window=(2, 0))
     _close(out[0, 3:], clean[0, 3:], name)
     # varlen: the poison is in another sequence's keys
-    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32, device=DEVICE)
     out = _run(name, A, q[0], k[0], vd[0], cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
     clean = _run(name, A, q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
     _close(out[3:], clean[3:], name)
@@ -279,7 +288,7 @@ def test_decode_window_masked_values_non_finite(name, q_len):
     dt = _dtype(name)
     q = _rand(2, q_len, 4, 16, dtype=dt)
     kc, vc = _rand(2, 12, 2, 16, dtype=dt), _rand(2, 12, 2, 16, dtype=dt)
-    lens = torch.tensor([10, 12], dtype=torch.int32)
+    lens = torch.tensor([10, 12], dtype=torch.int32, device=DEVICE)
     clean = _run(name, D, q, kc, vc, lens, window=(3, 0))
     vd = vc.clone()
     vd[:, :4] = float("inf")  # out of every row's window (rows see the last 4 + q_len - 1)
@@ -325,7 +334,8 @@ _UNCHECKED = r"""
 import os, sys, torch, fastllm
 from fastllm import ops
 torch.manual_seed(int(sys.argv[2]))
-name, compiled = sys.argv[1], sys.argv[3] == "1"
+name, compiled, device = sys.argv[1], sys.argv[3] == "1", sys.argv[4]
+torch.set_default_device(device)
 dt = torch.float16 if name in ("triton", "cuda") else torch.float32
 
 def call(fn, *args, **kw):
@@ -374,7 +384,7 @@ def test_unchecked_invalid_metadata_in_subprocess(name, compiled):
     script = f"ops_wanted = {wanted!r}\n" + _UNCHECKED
     env = dict(os.environ)
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), name, "0", "1" if compiled else "0"],
+        [sys.executable, "-c", script, name, "0", "1" if compiled else "0", str(DEVICE)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -387,12 +397,13 @@ def test_unchecked_invalid_metadata_in_subprocess(name, compiled):
 # --- several threads ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [n for n in DECODE if n != "triton"])  # interpreter: one thread
+# the Triton interpreter (no GPU) is not thread-safe; compiled Triton is
+@pytest.mark.parametrize("name", [n for n in DECODE if HAS_GPU or n != "triton"])
 def test_ops_from_eight_threads(name):
     from concurrent.futures import ThreadPoolExecutor
 
     q, kc, vc, lens, table = _paged_case(torch.float32)
-    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)
     x = _rand(7, 4, 16, dtype=torch.float32)
 
     def work(i):
