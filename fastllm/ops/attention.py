@@ -636,6 +636,12 @@ def attention(
     Raises TypeError for wrong types and dtypes, ValueError for mismatched shapes, heads,
     devices, bad windows/softcap/scale and bad cu_seqlens. Backends: triton (fp16/bf16,
     head_dim a multiple of 8 in [16, 256]), torch (SDPA, else plain PyTorch), reference.
+
+    FlashAttention (fastllm.flash_attn.flash_attn_func / flash_attn_varlen_func take its
+    arguments and call this op): the same masks, but here causal=True with a window right
+    bound > 0 raises (FlashAttention sets it to 0), the lse of a row that sees no key is
+    -inf (FlashAttention: +inf), and checked cu_seqlens must end at the packed length
+    (FlashAttention lets a padded batch stop short of it).
     """
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed and (cu_seqlens_q is None or cu_seqlens_k is None):
@@ -785,6 +791,13 @@ def decode_attention(
     result workspace depend on shapes only. Without the value checks (CUDA tensors and
     validate not True) a cache_seqlens above the capacity is clamped to it and block ids
     out of range are skipped: wrong numbers in those rows, never an out-of-bounds access.
+
+    Not FlashAttention's meaning (fastllm.flash_attn.flash_attn_with_kvcache has that one,
+    on this op): cache_seqlens here counts the cached tokens *after* the append, the new
+    ones included (FlashAttention: before, and it appends k/v itself); causal defaults to
+    True (FlashAttention: False); num_splits None chooses (FlashAttention: 0). For
+    FlashAttention's cache_batch_idx, pass block_table=cache_batch_idx[:, None]: a
+    contiguous cache is then num rows of one block each.
     """
     _check_cache(q, k_cache, v_cache, block_table)
     batch = q.shape[0]
@@ -861,6 +874,10 @@ def kv_cache_append(
     None: when the index tensors are on the CPU (free); True: always (a device sync);
     False: never. Unchecked targets outside the cache are skipped, never written out of
     bounds.
+
+    FlashAttention appends inside flash_attn_with_kvcache (fastllm.flash_attn does it with
+    this op): its cache_seqlens are the positions here (the lengths before the append),
+    and its cache_batch_idx is block_table=cache_batch_idx[:, None] on a contiguous cache.
     """
     positions = slot_mapping_or_positions
     slots = isinstance(k_new, torch.Tensor) and k_new.dim() == 3
