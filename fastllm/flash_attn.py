@@ -154,26 +154,6 @@ def _outputs(res, q: torch.Tensor, return_attn_probs: bool):
     return out, _fa_lse(lse), q.new_empty((0,))
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int | None, max_seqlen: int) -> None:
-    """Prefix sums from 0 that end at most at the packed length: a padded batch may stop
-    short of it (FlashAttention's varlen allows that; fastllm.ops.attention does not)."""
-    lengths = cu[1:] - cu[:-1]
-    if cu[0].item() != 0 or (lengths < 0).any().item():
-        raise ValueError(
-            f"{name} = {cu.tolist()} must start at 0 and never decrease (prefix sums of lengths)"
-        )
-    if total is not None and cu[-1].item() > total:
-        raise ValueError(
-            f"{name} ends at {cu[-1].item()} but the packed tensor has {total} tokens; "
-            "expected at most that many"
-        )
-    if lengths.numel() and lengths.max().item() > max_seqlen:
-        raise ValueError(
-            f"{name} holds a sequence of {lengths.max().item()} tokens, longer than the given "
-            f"max_seqlen {max_seqlen}"
-        )
-
-
 # --- keys gathered from a cache ---------------------------------------------------------------
 
 
@@ -407,9 +387,9 @@ def flash_attn_varlen_func(
             )
         _index.check_block_table("block_table", block_table, batch)
     if _index.value_checks_wanted(None, cu_seqlens_q, cu_seqlens_k, block_table):
-        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        _index.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, padded=True)
         total_k = k.shape[0] if block_table is None else None
-        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)
+        _index.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, padded=True)
         if block_table is not None:
             page = k.shape[1]
             lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()

@@ -63,16 +63,21 @@ def seqlens_tensor(name: str, value, batch: int, device: torch.device) -> torch.
     return value
 
 
-def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int) -> None:
-    """cu: prefix sums of the lengths of sequences packed into `total` tokens."""
+def check_cu_seqlens(
+    name: str, cu: torch.Tensor, total: int | None, max_seqlen: int, *, padded: bool = False
+) -> None:
+    """cu: prefix sums of the lengths of sequences packed into `total` tokens (None: not
+    checked). padded: the sequences may stop short of `total` (a padded batch)."""
     lengths = cu[1:] - cu[:-1]
     if cu[0].item() != 0 or (lengths < 0).any().item():
         raise ValueError(
             f"{name} = {cu.tolist()} must start at 0 and never decrease (prefix sums of lengths)"
         )
-    if cu[-1].item() != total:
+    end = cu[-1].item()
+    if total is not None and (end > total if padded else end != total):
         raise ValueError(
-            f"{name} ends at {cu[-1].item()} but the packed tensor has {total} tokens; expected equal"
+            f"{name} ends at {end} but the packed tensor has {total} tokens; expected "
+            + ("at most that many" if padded else "equal")
         )
     if lengths.numel() and lengths.max().item() > max_seqlen:
         raise ValueError(
