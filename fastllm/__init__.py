@@ -10,8 +10,13 @@ are available on this machine.
 
 from fastllm import backend, nn, ops, quant, sparse
 from fastllm.backend import BackendError, last_backend, use_backend
+from fastllm.hf_quantizer import register_on_import as _register_on_import
 from fastllm.optimize import LinearConfig, optimize, report
 from fastllm.serialize import load, save
+
+# save_pretrained/from_pretrained of fastllm models: fastllm's quantizer is registered with
+# transformers when transformers loads its registries (this imports nothing now)
+_register_on_import()
 
 __version__ = "0.1.0"
 

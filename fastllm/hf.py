@@ -350,3 +350,7 @@ def attention_forward(
 def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of the attention layers that recorded a fastllm call."""
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "fastllm_backend")]
+
+
+# FastllmConfig (transformers quantization config), built on first use: see fastllm.hf_quantizer
+from fastllm.hf_quantizer import __getattr__  # noqa: E402, F401

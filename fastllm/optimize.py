@@ -450,7 +450,19 @@ def optimize(
             "nothing to swap: the model has no attention or linear layer fastllm serves"
         )
     setattr(model, _REPORT_ATTR, rep)
+    _attach_hf_quantizer(model)
     return model
+
+
+def _attach_hf_quantizer(model: nn.Module) -> None:
+    """A transformers model gets fastllm's quantizer and config, so that
+    model.save_pretrained writes a checkpoint from_pretrained rebuilds (fastllm.hf_quantizer)."""
+    from fastllm import hf
+
+    if hf.is_hf_model(model):
+        from fastllm import hf_quantizer
+
+        hf_quantizer.attach(model)
 
 
 def is_optimized(model: nn.Module) -> bool:

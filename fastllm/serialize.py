@@ -440,6 +440,7 @@ def load(model_or_config, directory: str | os.PathLike) -> nn.Module:
     if meta["options"].get("backend") is not None:
         _opt._force_backend(model, meta["options"]["backend"])
     model._fastllm_report = rep
+    _opt._attach_hf_quantizer(model)
     return model
 
 
