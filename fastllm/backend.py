@@ -26,16 +26,30 @@ skips the search: a forced backend that cannot serve a call raises
 
 Every choice is recorded: `last_backend(op)` gives the latest one for an op, and
 `with fastllm.backend.trace() as calls:` collects `(op, backend)` pairs.
+
+Threads. Forcing, `last_backend` and `trace` belong to the current context
+(`contextvars`), not to the process: a thread sees only its own calls and forcing (a new
+thread starts with nothing forced and nothing recorded; an asyncio task, or a thread run
+through `contextvars.copy_context().run` or `asyncio.to_thread`, starts from a copy of its
+parent's context, so a trace open in the parent also collects the child's calls).
+FASTLLM_BACKEND is process-wide. Dispatch itself keeps no mutable state between calls:
+the registry is filled when the ops are imported and only read afterwards. Two lazy
+initialisations are guarded here: the first probe of fastllm._C (loading it is not atomic
+in fastllm.native: a thread that probed while another was loading it saw neither the
+module nor an error) and every call of a triton implementation (see `_serialized`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -67,7 +81,12 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _traces: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar(
     "fastllm_traces", default=()
 )
-_last: dict[str, str] = {}
+# op -> backend of the latest call in this context: a mapping that is replaced, never
+# mutated, so that a context copied from this one (a task, a thread started with its
+# parent's context) never writes into its parent's record
+_last: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "fastllm_last_backend", default=MappingProxyType({})
+)
 
 
 def _always(*args, **kwargs) -> str | None:
@@ -87,10 +106,31 @@ def register(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[backend] = Impl(fn, supports, prefer)
+        impl = _serialized(fn) if backend == "triton" else fn
+        _REGISTRY.setdefault(op, {})[backend] = Impl(impl, supports, prefer)
         return fn
 
     return wrap
+
+
+# Triton's runtime is not safe to enter from several threads at once: its JIT fills plain
+# dicts on a kernel's first call (a compilation per new specialization), CompiledKernel
+# loads its binary lazily, and the interpreter (TRITON_INTERPRET=1) patches
+# triton.language while a kernel runs. So every call of a triton implementation holds
+# this lock: compilation happens once per specialization, and interpreted kernels never
+# overlap. Launches are asynchronous on a GPU: the lock covers the host side of a launch
+# (microseconds; the GIL serializes most of it anyway), never the kernel's run. An RLock:
+# an implementation may call another op.
+_TRITON_LOCK = threading.RLock()
+
+
+def _serialized(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with _TRITON_LOCK:
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def ops() -> list[str]:
@@ -117,6 +157,25 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_NATIVE_LOCK = threading.Lock()
+_native_loaded = False
+
+
+def _load_native():
+    """fastllm.native with fastllm._C loaded, or its load error recorded. The first load
+    runs under a lock: fastllm.native marks the module loaded before the import finishes,
+    so a thread asking meanwhile would see neither module nor error (and take the cpu
+    backend for unavailable, or fail); a thread arriving during the load waits for it."""
+    global _native_loaded
+    from fastllm import native
+
+    if not _native_loaded:
+        with _NATIVE_LOCK:
+            native.load_error()
+            _native_loaded = True
+    return native
+
+
 def unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
     """None if `backend` can run here on tensors of `device`, else why not."""
     if backend not in BACKENDS:
@@ -124,14 +183,14 @@ def unavailable_reason(backend: str, device: torch.device | None = None) -> str 
     if backend in ("torch", "reference"):
         return None
     if backend == "cpu":
+        _load_native()
         from fastllm.native import cpu as native_cpu
 
         if device is not None and device.type != "cpu":
             return f"the cpu backend takes CPU tensors, got {device.type} tensors"
         return native_cpu.available_reason()
     if backend == "cuda":
-        from fastllm import native
-
+        native = _load_native()
         if native.load_error() is not None:
             return f"fastllm._C is not importable ({native.load_error()})"
         if not native.with_cuda():
@@ -226,20 +285,23 @@ def select(op: str, device: torch.device, *args, **kwargs) -> str:
         else:
             detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
             raise BackendError(f"fastllm.ops.{op}: no backend can serve this call ({detail})")
-    _last[op] = chosen
+    last = _last.get()
+    if last.get(op) != chosen:
+        _last.set({**last, op: chosen})
     for calls in _traces.get():
         calls.append((op, chosen))
     return chosen
 
 
 def last_backend(op: str) -> str | None:
-    """The backend that served the latest call of `op` in this process, if any."""
-    return _last.get(op)
+    """The backend that served the latest call of `op` in this thread (this context), if any."""
+    return _last.get().get(op)
 
 
 @contextlib.contextmanager
 def trace() -> Iterator[list[tuple[str, str]]]:
-    """Collects `(op, backend)` for every op call inside the block."""
+    """Collects `(op, backend)` for every op call inside the block, in this thread (this
+    context and the contexts copied from it inside the block)."""
     calls: list[tuple[str, str]] = []
     token = _traces.set(_traces.get() + (calls,))
     try:

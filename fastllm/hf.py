@@ -16,8 +16,22 @@ fastllm registers both, under the name "fastllm":
   with no gather and no shape that depends on the data, so it compiles and captures.
   No padding gives no mask (plain batched call).
 - the attention function calls `fastllm.ops.attention` for prefill and
-  `fastllm.ops.decode_attention` for the one-token steps of `generate()` (a few new
-  tokens against the cache, no padding).
+  `fastllm.ops.decode_attention` for the one-token steps of `generate()` (up to
+  DECODE_MAX_Q new tokens against a longer cache), padded batches included.
+
+How a padded batch decodes: transformers' cache holds every sequence at the same
+positions, pads included (left padding puts them before the tokens, right-padded
+`generate()` leaves a hole between the prompt and the new tokens, a static cache has
+empty slots after them), while decode_attention reads the first cache_seqlens[b] tokens
+of sequence b. So the cache goes to decode_attention as a *paged* cache of one-token
+blocks: a view of the same memory (`_token_pages`, no copy) in which block b·f + s is
+token s of sequence b, and a block table per sequence (B, kv_len) that lists its valid
+tokens first, in order. cache_seqlens counts them (up to the last query for causal
+layers). The mask function builds the table once per forward pass; each layer only adds
+its batch offsets. The compacted positions give the same causal mask when the new tokens
+are each sequence's last valid tokens (always true for one new token; checked for more,
+eagerly, and not used for more under torch.compile), and the same sliding window only
+when the valid tokens are one run (left padding, a static cache), not with a hole.
 
 Why segments are exact: a padding mask whose valid tokens form one run per sequence
 (left or right padding, what tokenizers produce) keeps query i of a causal layer on
@@ -30,7 +44,8 @@ What is not served by fastllm and falls back to transformers' SDPA path, per cal
 recorded in `module.fastllm_backend`: a 4-D mask given by the user, mask functions
 other than causal / bidirectional / causal sliding-window (packed sequences, custom
 overlays), padding masks with holes (checked in eager mode; under torch.compile the
-mask is assumed to be one run per sequence), dropout > 0, position biases.
+mask is assumed to be one run per sequence) except in decode steps without a sliding
+window, dropout > 0, position biases.
 
 transformers is imported only when these functions are called: `import fastllm`
 does not import it.
@@ -116,22 +131,48 @@ class SegmentMask:
 
     cu_seqlens_q / cu_seqlens_k: int32 (3·batch + 1,), prefix sums of the segment lengths
     [pad before, valid, pad after] of each sequence, over the flattened padded batch
-    (batch·q_len queries, batch·kv_len keys). `causal` comes from the mask function,
-    `window_left` (or -1) from a causal sliding window.
+    (batch·q_len queries, batch·kv_len keys); None when the padding has holes (segments
+    cannot express it). `causal` comes from the mask function, `window_left` (or -1) from
+    a causal sliding window.
+
+    For a decode step (`decode_layout`): cache_seqlens int32 (batch,), the keys each
+    sequence's queries see, and key_order int64 (batch, kv_len), the positions of each
+    sequence's valid keys first, in order; both None when the step is not served by
+    decode_attention. holes: the padding has a hole inside a sequence (eager mode only;
+    then `dense()` builds the boolean 4-D mask of transformers' SDPA path, the fallback
+    of a layer that cannot decode).
     """
 
-    def __init__(self, cu_seqlens_q, cu_seqlens_k, q_len, kv_len, causal, window_left):
+    def __init__(
+        self,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        q_len,
+        kv_len,
+        causal,
+        window_left,
+        cache_seqlens=None,
+        key_order=None,
+        holes=False,
+        dense=None,
+    ):
         self.cu_seqlens_q = cu_seqlens_q
         self.cu_seqlens_k = cu_seqlens_k
         self.q_len = q_len
         self.kv_len = kv_len
         self.causal = causal
         self.window_left = window_left
+        self.cache_seqlens = cache_seqlens
+        self.key_order = key_order
+        self.holes = holes
+        self.dense = dense
 
     def __repr__(self) -> str:
+        segments = None if self.cu_seqlens_q is None else self.cu_seqlens_q.numel() - 1
         return (
             f"SegmentMask(q_len={self.q_len}, kv_len={self.kv_len}, causal={self.causal}, "
-            f"window_left={self.window_left}, segments={self.cu_seqlens_q.numel() - 1})"
+            f"window_left={self.window_left}, segments={segments}, "
+            f"decode={self.cache_seqlens is not None}, holes={self.holes})"
         )
 
 
@@ -182,6 +223,44 @@ def segment_lengths(padding: torch.Tensor, q_len: int, q_start, causal: bool):
     return q_lens, k_lens, start, end
 
 
+def decode_layout(
+    padding: torch.Tensor, q_len: int, q_start, causal: bool, window_left: int, holes: bool
+):
+    """(cache_seqlens int32 (batch,), key_order int64 (batch, kv_len)) when this call is a
+    decode step that decode_attention serves exactly with each sequence's valid keys moved
+    to the front, else (None, None).
+
+    padding: bool (batch, kv_len), True for tokens to attend to; q_start: position of
+    query 0 among the keys. A causal query t sees the valid keys before position
+    q_start + t + 1; decode_attention puts it at cache_seqlens - q_len + t among the
+    compacted keys, the same keys when the valid queries are the last valid keys (one
+    query: always; a query that is a pad has an unspecified output). A sliding window
+    counts positions, which compacting keeps only for one run of valid keys."""
+    batch, kv_len = padding.shape
+    if q_len > DECODE_MAX_Q or kv_len <= q_len:
+        return None, None
+    if window_left >= 0 and (holes or not causal):
+        return None, None
+    pos = torch.arange(kv_len, device=padding.device)
+    seen = padding
+    if causal:
+        seen = padding & (pos < q_start + q_len)
+        if q_len > 1:
+            if _compiling():  # the check reads the mask
+                return None, None
+            qpos = (q_start + torch.arange(q_len, device=padding.device)).clamp(0, kv_len - 1)
+            q_valid = padding.gather(1, qpos.expand(batch, q_len)).to(torch.int8)
+            # valid queries after a pad query would sit one place too early
+            if bool((q_valid[:, 1:] < q_valid[:, :-1]).any()):
+                return None, None
+    # valid keys first, in position order, then the others (never read): a permutation
+    n_valid = padding.sum(dim=1, keepdim=True)
+    before = padding.cumsum(dim=1)
+    dest = torch.where(padding, before - 1, n_valid + pos - before)
+    key_order = torch.empty_like(dest).scatter_(1, dest, pos.expand(batch, kv_len))
+    return seen.sum(dim=1, dtype=torch.int32), key_order
+
+
 def _cu(lengths: torch.Tensor) -> torch.Tensor:
     flat = lengths.reshape(-1).cumsum(0)
     return torch.nn.functional.pad(flat, (1, 0)).to(torch.int32)
@@ -226,18 +305,32 @@ def attention_mask(
     if kind is None:
         return sdpa_mask()
     causal, window_left = kind
+    q_start = q_offset - kv_offset
     if attention_mask is None:
-        return None
-    padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    padding = padding[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+        if not isinstance(q_start, torch.Tensor) and q_start + q_length >= kv_length:
+            return None  # every key is a token: the plain batched call
+        # a static cache (its q_offset is a tensor): the slots after the queries are empty
+        where = device if device is not None else getattr(q_start, "device", None)
+        pos = torch.arange(kv_length, device=where)
+        padding = (pos < q_start + q_length).expand(batch_size, kv_length)
+    else:
+        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        padding = padding[:, kv_offset : kv_offset + kv_length].to(torch.bool)
     if not _compiling() and bool(padding.all()):
         return None  # one host sync per forward pass, as transformers' own SDPA mask does
-    q_start = q_offset - kv_offset
     q_lens, k_lens, start, end = segment_lengths(padding, q_length, q_start, causal)
-    if not _compiling() and not bool((padding.sum(dim=1) == end - start).all()):
-        # holes inside a sequence: segments cannot express it
-        return sdpa_mask()
-    return SegmentMask(_cu(q_lens), _cu(k_lens), q_length, kv_length, causal, window_left)
+    # holes inside a sequence (right-padded generate(): prompt, pads, new tokens)
+    holes = not _compiling() and not bool((padding.sum(dim=1) == end - start).all())
+    seqlens, order = decode_layout(padding, q_length, q_start, causal, window_left, holes)
+    if holes:
+        if seqlens is None:  # segments cannot express it, and neither can decode
+            return sdpa_mask()
+        return SegmentMask(
+            None, None, q_length, kv_length, causal, window_left, seqlens, order, True, sdpa_mask
+        )
+    return SegmentMask(
+        _cu(q_lens), _cu(k_lens), q_length, kv_length, causal, window_left, seqlens, order
+    )
 
 
 # --- the attention function ---------------------------------------------------------------
@@ -255,6 +348,29 @@ def _fallback(module, query, key, value, mask, dropout, scaling, why, **kwargs):
     return sdpa_attention_forward(
         module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
     )
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _token_pages(k: torch.Tensor, v: torch.Tensor):
+    """k, v (B, S, Hkv, D) as a paged cache of one-token blocks, without a copy:
+    (k_pages, v_pages (num_blocks, 1, Hkv, D), f) where block b·f + s is token s of
+    sequence b. The pages are a view of the same memory at k's strides (f = batch stride /
+    token stride); blocks of different heads overlap in memory, which readers do not
+    mind, and the view reaches no element outside k's own. None when the strides do not
+    allow it (a batch stride that is not a multiple of the token stride, k and v laid out
+    differently, block ids past int32)."""
+    B, S, H, D = k.shape
+    sb, ss, sh, sd = k.stride()
+    if v.shape != k.shape or v.stride() != k.stride() or ss <= 0 or sb % ss != 0:
+        return None
+    f = sb // ss if B > 1 else S
+    num_blocks = (B - 1) * f + S
+    if num_blocks > _INT32_MAX:
+        return None
+    size, stride = (num_blocks, 1, H, D), (ss, ss, sh, sd)
+    return k.as_strided(size, stride), v.as_strided(size, stride), f
 
 
 def attention_forward(
@@ -328,6 +444,33 @@ def attention_forward(
     if m.window_left >= 0:
         window_left = m.window_left
     window = None if window_left < 0 else (window_left, 0 if m.causal else window_left)
+    # a decode step: the cache as one-token pages, each sequence's valid tokens first
+    pages = None
+    if m.cache_seqlens is not None and (window_left < 0 or (m.causal and not m.holes)):
+        pages = _token_pages(k, v)
+    if pages is not None:
+        k_pages, v_pages, f = pages
+        table = m.key_order + torch.arange(B, device=q.device)[:, None] * f
+        out = ops.decode_attention(
+            q,
+            k_pages,
+            v_pages,
+            m.cache_seqlens,
+            block_table=table.to(torch.int32),
+            scale=scaling,
+            causal=m.causal,
+            window=window,
+            softcap=cap,
+            validate=False,  # seqlens and block ids built in range above
+        )
+        if not _compiling():
+            _record(module, f"decode_attention:{backend.last_backend('decode_attention')}")
+        return out, None
+    if m.cu_seqlens_q is None:  # holes, and this layer cannot take the decode path
+        return _fallback(
+            module, query, key, value, m.dense(), dropout, scaling,
+            "padding with holes", is_causal=is_causal, softcap=softcap, **kwargs,
+        )  # fmt: skip
     Hk = k.shape[2]
     out = ops.attention(
         q.reshape(B * Sq, Hq, D),

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -553,14 +554,19 @@ def record_attention_backend(module: nn.Module) -> None:
     """Records in `module.fastllm_backend` which fastllm ops served its latest forward
     (eager mode; nothing is recorded, and nothing traced, under torch.compile)."""
 
+    # the trace open during a forward belongs to the thread running it (several threads
+    # may run the module at once): kept per thread, not on the module
+    local = threading.local()
+
     def enter(mod, args):
         if torch.compiler.is_compiling():
             return
         cm = _backend.trace()
-        mod.__dict__["_fastllm_trace"] = (cm, cm.__enter__())
+        local.pending = (cm, cm.__enter__())
 
     def leave(mod, args, output):
-        pending = mod.__dict__.pop("_fastllm_trace", None)
+        pending = getattr(local, "pending", None)
+        local.pending = None
         if pending is None:
             return
         cm, calls = pending

@@ -148,3 +148,41 @@ def test_unverified_backend_serves_only_when_forced(monkeypatch):
         assert backend.select("_test_gpu_op", gpu, 0) == "cuda"
     finally:
         backend._REGISTRY.pop("_test_gpu_op")
+
+
+def test_last_backend_and_trace_follow_the_context():
+    # asyncio tasks run in copies of their parent's context: a trace open in the parent
+    # collects the tasks' calls, and what a task records stays in the task
+    import asyncio
+
+    async def call(name):
+        with fastllm.use_backend(name):
+            fastllm.ops.quantize_per_token(torch.randn(2, 8))
+        return fastllm.last_backend("quantize_per_token")
+
+    async def main():
+        return await asyncio.gather(call("torch"), call("reference"))
+
+    with fastllm.use_backend("torch"):
+        fastllm.ops.quantize_per_token(torch.randn(2, 8))
+    with backend.trace() as calls:
+        assert asyncio.run(main()) == ["torch", "reference"]
+    assert sorted(calls) == [("quantize_per_token", "reference"), ("quantize_per_token", "torch")]
+    assert fastllm.last_backend("quantize_per_token") == "torch"  # this context's own call
+
+
+def test_triton_implementations_run_under_one_lock():
+    seen = []
+
+    def impl(x):
+        seen.append(backend._TRITON_LOCK._is_owned())
+        return x
+
+    assert backend.register("_test_lock_op", "triton")(impl) is impl  # decorator: fn unchanged
+    backend.register("_test_lock_op", "torch")(impl)
+    try:
+        backend.implementation("_test_lock_op", "triton")(1)
+        backend.implementation("_test_lock_op", "torch")(1)
+    finally:
+        backend._REGISTRY.pop("_test_lock_op")
+    assert seen == [True, False]

@@ -105,10 +105,279 @@ def test_generate_greedy_same_tokens(name, padded):
         assert rel_err(a, b) < 1e-5
     ops = [op for op, _ in calls]
     layers = model.config.num_hidden_layers
-    # prefill: one attention call per layer; then one call per layer per new token
+    # prefill: one attention call per layer; then one decode call per layer per new token,
+    # padded or not (a padded cache as one-token pages, each sequence's tokens first)
     assert ops[:layers] == ["attention"] * layers
-    decode_op = "attention" if padded else "decode_attention"  # padded steps: varlen segments
-    assert ops[layers:] == [decode_op] * (layers * 5)
+    assert ops[layers:] == ["decode_attention"] * (layers * 5)
+
+
+# --- padded batches in generate(): decode steps on decode_attention --------------------------
+
+NEW = 5
+
+
+def _greedy(model, ids, mask, new=NEW):
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)  # no early EOS
+    return model.generate(
+        input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kw
+    )
+
+
+def _padded(lengths, side: str, total: int):
+    ids = torch.randint(3, 128, (len(lengths), total))
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        if side == "left":
+            mask[b, total - n :] = 1
+        else:
+            mask[b, :n] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _decode_ops(calls, layers: int) -> list[str]:
+    """The ops of the decode steps of one generate() (after the prefill's `layers` calls)."""
+    ops = [op for op, _ in calls]
+    assert ops[:layers] == ["attention"] * layers
+    return ops[layers:]
+
+
+@pytest.mark.parametrize(
+    "name, forced",
+    [("gpt2", None), ("llama", None), ("qwen2", None), ("llama", "torch"), ("llama", "reference")],
+)
+def test_generate_left_padded_matches_each_sequence(name, forced):
+    # the tokens of every sequence of a left-padded batch are those it gets alone
+    model = CAUSAL[name]()
+    ids, mask = _padded([4, 9, 7], "left", 9)
+    with torch.no_grad():
+        alone = [_greedy(model, ids[b : b + 1, 9 - n :], None) for b, n in enumerate([4, 9, 7])]
+        fastllm.optimize(model)
+        with fastllm.backend.trace() as calls, fastllm.use_backend(forced):
+            out = _greedy(model, ids, mask)
+    for b, ref in enumerate(alone):
+        assert torch.equal(out.sequences[b, -NEW:], ref.sequences[0, -NEW:]), b
+        for step, (a, r) in enumerate(zip(out.logits, ref.logits)):
+            assert rel_err(a[b], r[0]) < 1e-5, (b, step)
+    layers = model.config.num_hidden_layers
+    assert _decode_ops(calls, layers) == ["decode_attention"] * (layers * (NEW - 1))
+    if forced is not None:
+        assert {b for _, b in calls} == {forced}
+
+
+def _positions_of_generate(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """The position ids generate() gives a batch with this 2-D mask and `new` new tokens:
+    prompt positions count its tokens (pads 0), each new token the last position + 1."""
+    prompt = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return torch.cat([prompt, prompt[:, -1:] + 1 + torch.arange(new)], dim=1)
+
+
+def _teacher_forced_logits(model, out, mask):
+    """transformers' SDPA over the whole generated batch (prompt mask, then the new tokens):
+    the logits of new tokens 1.. as each decode step should have computed them."""
+    n = out.sequences.shape[1] - mask.shape[1]
+    full = torch.cat([mask, torch.ones(mask.shape[0], n, dtype=mask.dtype)], dim=1)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    logits = model(
+        input_ids=out.sequences, attention_mask=full, position_ids=_positions_of_generate(mask, n)
+    ).logits
+    model.set_attn_implementation(previous)
+    return [logits[:, mask.shape[1] + i - 1] for i in range(1, n)]
+
+
+@pytest.mark.parametrize("name", sorted(CAUSAL))
+def test_generate_right_padded_decode_steps(name):
+    # Right padding leaves a hole in the mask of every decode step (prompt, pads, new
+    # tokens); decode_attention serves it with the valid keys listed first. The first new
+    # token comes from the last prompt position, a pad, whose output fastllm does not
+    # specify (transformers warns about right padding); every later step is exact.
+    model = CAUSAL[name]()
+    ids, mask = _padded([4, 9, 7], "right", 9)
+    with torch.no_grad():
+        fastllm.optimize(model)
+        with fastllm.backend.trace() as calls:
+            out = _greedy(model, ids, mask)
+        expected = _teacher_forced_logits(model, out, mask)
+    for step, (a, r) in enumerate(zip(out.logits[1:], expected), start=1):
+        assert rel_err(a, r) < 1e-5, step
+    layers = model.config.num_hidden_layers
+    assert _decode_ops(calls, layers) == ["decode_attention"] * (layers * (NEW - 1))
+
+
+def _mistral(window: int):
+    return _small_causal(
+        transformers.MistralConfig, transformers.MistralForCausalLM, 2, sliding_window=window
+    )
+
+
+def test_generate_sliding_window_padded():
+    # a sliding window counts positions: compacting a left-padded cache keeps them (one run
+    # of tokens), so those steps decode; a hole (right padding) would shrink distances, so
+    # the steps whose cache window still holds it fall back to transformers' SDPA
+    model = _mistral(window=6)
+    layers = model.config.num_hidden_layers
+    left_ids, left_mask = _padded([4, 9, 7], "left", 9)
+    right_ids, right_mask = _padded([4, 9, 7], "right", 9)
+    with torch.no_grad():
+        ref = _greedy(model, left_ids, left_mask)
+        fastllm.optimize(model)
+        with fastllm.backend.trace() as calls:
+            out = _greedy(model, left_ids, left_mask)
+        assert torch.equal(out.sequences, ref.sequences)
+        for a, r in zip(out.logits, ref.logits):
+            assert rel_err(a, r) < 1e-5
+        assert _decode_ops(calls, layers) == ["decode_attention"] * (layers * (NEW - 1))
+
+        served = []
+        hook = lambda mod, args, output: served.append(mod.fastllm_backend)  # noqa: E731
+        handle = model.model.layers[0].self_attn.register_forward_hook(hook)
+        out = _greedy(model, right_ids, right_mask)
+        handle.remove()
+        expected = _teacher_forced_logits(model, out, right_mask)
+    for step, (a, r) in enumerate(zip(out.logits[1:], expected), start=1):
+        assert rel_err(a, r) < 1e-5, step
+    # the cache keeps the last `window` tokens: the hole (positions 4..8 of sequence 0)
+    # leaves it once four new tokens are in
+    decode = f"decode_attention:{cpu_default('decode_attention')}"
+    assert served[1:] == ["sdpa (fallback: explicit mask tensor)"] * 3 + [decode]
+
+
+def _step_with_cache(model, ids, mask, new_ids, new_mask):
+    """Prefill (ids, mask), then one forward of new_ids against the cache; its logits."""
+    cache = transformers.DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    full = torch.cat([mask, new_mask], dim=1)
+    return model(input_ids=new_ids, attention_mask=full, cache=cache).logits
+
+
+@pytest.mark.parametrize(
+    "new_mask, op",
+    [
+        ([[1, 1, 1], [1, 1, 1], [1, 1, 1]], "decode_attention"),
+        # a pad before the new tokens of sequence 0: a hole, the valid queries still last
+        ([[0, 1, 1], [1, 1, 1], [1, 1, 1]], "decode_attention"),
+        # a pad between them: compacting would move the last query; transformers' SDPA
+        ([[1, 0, 1], [1, 1, 1], [1, 1, 1]], None),
+    ],
+)
+def test_several_new_tokens_against_a_padded_cache(new_mask, op):
+    # speculative / chunked decoding: three new tokens per sequence in one forward
+    model = _llama()
+    ids, mask = _padded([4, 9, 7], "left", 9)
+    new_ids = torch.randint(3, 128, (3, 3))
+    new_mask = torch.tensor(new_mask)
+    with torch.no_grad():
+        ref = _step_with_cache(model, ids, mask, new_ids, new_mask)
+        fastllm.optimize(model)
+        with fastllm.backend.trace() as calls:
+            out = _step_with_cache(model, ids, mask, new_ids, new_mask)
+    valid = new_mask.bool()
+    assert rel_err(out[valid], ref[valid]) < 1e-5
+    layers = model.config.num_hidden_layers
+    assert [o for o, _ in calls[layers:]] == ([op] * layers if op else [])
+
+
+def test_static_cache_without_mask():
+    # a static cache's slots after the queries are empty: without an attention mask they
+    # must still be left out (they were read as keys: wrong logits)
+    model = _llama()
+    ids = torch.randint(3, 128, (2, 6))
+
+    def run():
+        cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+        first = model(input_ids=ids, cache=cache, use_cache=True).logits
+        return first, model(input_ids=ids[:, :1], cache=cache, use_cache=True).logits
+
+    with torch.no_grad():
+        ref = run()
+        fastllm.optimize(model)
+        with fastllm.backend.trace() as calls:
+            out = run()
+    assert rel_err(out[0], ref[0]) < 1e-5 and rel_err(out[1], ref[1]) < 1e-5
+    assert {op for op, _ in calls} == {"decode_attention"}  # 6 and 1 queries, 16 slots
+
+
+def test_compile_fullgraph_padded_decode_step():
+    model = _llama()
+    fastllm.optimize(model)
+    ids, mask = _padded([4, 9, 7], "left", 9)
+    new_ids, new_mask = torch.randint(3, 128, (3, 1)), torch.ones(3, 1, dtype=mask.dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        ref = _step_with_cache(model, ids, mask, new_ids, new_mask)
+        with fastllm.backend.trace() as calls:
+            out = _step_with_cache(compiled, ids, mask, new_ids, new_mask)
+    assert rel_err(out, ref) < 1e-5
+    assert [op for op, _ in calls] == ["attention"] * 2 + ["decode_attention"] * 2
+
+
+def _layout(kind: str, B=3, H=2, S=9, D=16):
+    """k, v (B, S, H, D) views the way layers hand them to fastllm (from (B, H, S, D))."""
+    if kind == "cache":  # transformers' caches: contiguous (B, H, S, D), transposed
+        k, v = torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+        return k.transpose(1, 2), v.transpose(1, 2)
+    if kind == "bshd":
+        return torch.randn(B, S, H, D), torch.randn(B, S, H, D)
+    if kind == "expanded":  # one sequence's cache shared by the batch (batch stride 0)
+        k, v = torch.randn(1, S, H, D), torch.randn(1, S, H, D)
+        return k.expand(B, S, H, D), v.expand(B, S, H, D)
+    # a batch stride that is not a multiple of the token stride: no one-token pages
+    base = torch.randn(2, B * (S * H * D + 8))
+    return tuple(
+        t.as_strided((B, S, H, D), (S * H * D + 8, H * D, D, 1)) for t in (base[0], base[1])
+    )
+
+
+@pytest.mark.parametrize("kind", ["cache", "bshd", "expanded", "odd"])
+def test_token_pages_view_the_cache(kind):
+    k, v = _layout(kind)
+    pages = hf._token_pages(k, v)
+    if kind == "odd":
+        assert pages is None
+        return
+    k_pages, v_pages, f = pages
+    assert k_pages.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()  # no copy
+    for b in range(k.shape[0]):
+        for s in range(k.shape[1]):
+            assert torch.equal(k_pages[b * f + s, 0], k[b, s])
+            assert torch.equal(v_pages[b * f + s, 0], v[b, s])
+
+
+@pytest.mark.parametrize("kind", ["cache", "bshd", "expanded", "odd"])
+@pytest.mark.parametrize("side", ["left", "hole"])
+def test_attention_function_padded_decode(kind, side):
+    # one decode step through the mask and attention functions, against transformers' SDPA
+    from transformers import masking_utils as mu
+
+    k, v = _layout(kind)
+    B, S, H, D = k.shape
+    q = torch.randn(B, 4, 1, D)  # (B, Hq, 1, D): 2 query heads per kv head
+    padding = torch.ones(B, S, dtype=torch.bool)
+    if side == "left":
+        padding[0, :3] = False
+        padding[2, :1] = False
+    else:  # right-padded prompt, then the new token
+        padding[0, 4:8] = False
+        padding[1, 6:8] = False
+    hf.register()
+    args = dict(batch_size=B, q_length=1, kv_length=S, q_offset=S - 1, attention_mask=padding)
+    mask = hf.attention_mask(mask_function=mu.causal_mask_function, **args)
+    dense = mu.sdpa_mask(mask_function=mu.causal_mask_function, allow_is_causal_skip=False, **args)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2  # what transformers' SDPA reads
+    key, value = k.transpose(1, 2), v.transpose(1, 2)
+    out, _ = hf.attention_forward(module, q, key, value, mask, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=dense, scale=0.25
+    ).transpose(1, 2)
+    assert rel_err(out, ref) < 1e-5
+    if kind != "odd":
+        assert module.fastllm_backend.startswith("decode_attention:")
+    elif side == "left":  # one run per sequence: varlen segments
+        assert module.fastllm_backend.startswith("attention:")
+    else:
+        assert module.fastllm_backend == "sdpa (fallback: padding with holes)"
 
 
 def test_right_padded_bidirectional_and_4d_mask_fallback():
@@ -247,6 +516,55 @@ def test_decode_step_cuda_graph_capture():
     fresh, _ = hf.attention_forward(module, q, k, v, None, scaling=0.125)
     assert rel_err(out, fresh) < 1e-2
     assert not torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("forced", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", ["cache", "bshd", "expanded"])
+def test_cuda_padded_decode_on_token_pages(forced, kind):
+    # the kernels read the cache as one-token pages (block size 1, overlapping blocks)
+    from transformers import masking_utils as mu
+
+    k, v = (t.to("cuda", torch.bfloat16) for t in _layout(kind, B=3, H=2, S=300, D=64))
+    B, S, H, D = k.shape
+    q = torch.randn(B, 4, 1, D, device="cuda", dtype=torch.bfloat16)
+    padding = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    padding[0, :100] = False  # left padding
+    padding[1, 150:290] = False  # a hole (right-padded prompt, then new tokens)
+    hf.register()
+    args = dict(batch_size=B, q_length=1, kv_length=S, q_offset=S - 1, attention_mask=padding)
+    mask = hf.attention_mask(mask_function=mu.causal_mask_function, **args)
+    dense = mu.sdpa_mask(mask_function=mu.causal_mask_function, allow_is_causal_skip=False, **args)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    key, value = k.transpose(1, 2), v.transpose(1, 2)
+    with fastllm.use_backend(forced):
+        out, _ = hf.attention_forward(module, q, key, value, mask, scaling=D**-0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), key.float().repeat_interleave(2, 1), value.float().repeat_interleave(2, 1),
+        attn_mask=dense, scale=D**-0.5,
+    ).transpose(1, 2)  # fmt: skip
+    assert module.fastllm_backend == f"decode_attention:{forced}"
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_left_padded_generate_decodes():
+    model = _llama().to("cuda", torch.bfloat16)
+    ids, mask = _padded([4, 9, 7], "left", 9)
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        ref = _greedy(model, ids, mask)
+        fastllm.optimize(model)
+        with fastllm.backend.trace() as calls:
+            out = _greedy(model, ids, mask)
+    # bf16: compare the steps up to the first token that differs (greedy near-ties)
+    same = (out.sequences == ref.sequences).all(dim=0)[-NEW:].long().cumprod(0).sum()
+    for a, r in zip(out.logits[: int(same) + 1], ref.logits):
+        assert rel_err(a, r) < 2e-2
+    layers = model.config.num_hidden_layers
+    assert _decode_ops(calls, layers) == ["decode_attention"] * (layers * (NEW - 1))
+    assert {b for _, b in calls} <= {"cuda", "triton"}
 
 
 # --- accuracy on the real MiniLM weights ---------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -17,27 +18,31 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8
 _module = None
 _error: str | None = None
 _loaded = False
+_lock = threading.Lock()
 
 
 def _load() -> None:
     global _module, _error, _loaded
     if _loaded:
         return
-    _loaded = True
-    path = os.environ.get("FASTLLM_NATIVE_LIB")
-    try:
-        if path:  # another build of _C, e.g. the AddressSanitizer one of `make asan`
-            spec = importlib.util.spec_from_file_location("fastllm._C", path)
-            if spec is None:
-                raise ImportError(f"FASTLLM_NATIVE_LIB={path!r} is not a loadable module")
-            _C = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(_C)
+    with _lock:  # a thread arriving while another loads waits for the outcome
+        if _loaded:
+            return
+        path = os.environ.get("FASTLLM_NATIVE_LIB")
+        try:
+            if path:  # another build of _C, e.g. the AddressSanitizer one of `make asan`
+                spec = importlib.util.spec_from_file_location("fastllm._C", path)
+                if spec is None:
+                    raise ImportError(f"FASTLLM_NATIVE_LIB={path!r} is not a loadable module")
+                _C = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(_C)
+            else:
+                from fastllm import _C
+        except ImportError as e:  # not built (no compiler) or built for another Python
+            _error = str(e)
         else:
-            from fastllm import _C
-    except ImportError as e:  # not built (no compiler) or built for another Python
-        _error = str(e)
-    else:
-        _module = _C
+            _module = _C
+        _loaded = True  # only now: module or error is set
 
 
 def module():
