@@ -1,4 +1,4 @@
-"""The `fastllm` command: `fastllm optimize`, `fastllm doctor`, `fastllm bench`."""
+"""The `fastllm` command: `fastllm optimize`, `fastllm serve`, `fastllm doctor`, `fastllm bench`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,28 @@ def main(argv: list[str] | None = None) -> int:
     from fastllm.optimize_cmd import add_arguments as add_optimize_arguments
 
     add_optimize_arguments(opt)
+    serve = sub.add_parser(
+        "serve",
+        help="transformers' OpenAI-compatible server (transformers serve) on fastllm kernels",
+        description="transformers' OpenAI-compatible server (the endpoints and request format "
+        "of `transformers serve`), pinned to MODEL_DIR, with fastllm attention and, with "
+        "--linear, fastllm linear layers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from fastllm.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve)
     args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        from fastllm.optimize_cmd import UsageError
+        from fastllm.serve import run as serve_run
+
+        try:
+            return serve_run(args)
+        except UsageError as e:  # one line, exit status 2, as for optimize
+            print(f"{serve.prog}: error: {e}", file=sys.stderr)
+            raise
 
     if args.command == "optimize":
         from fastllm.optimize_cmd import UsageError
