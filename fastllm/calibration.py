@@ -3,6 +3,11 @@ forward hooks on calibration batches (no model-specific code).
 
 One mechanism for everything that calibrates: SmoothQuant uses `amax`
 (fastllm.quant), Wanda uses `norm` (fastllm.sparse).
+
+Under tensor parallelism the statistics are those of the whole layer, on every rank: a
+column-wise shard sees the whole (replicated) input; a row-wise shard sees only its
+slice of the input features, and the slices of all ranks are joined at the end (one
+collective per row-wise layer, fastllm.distributed.gather_input_stat).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from fastllm import distributed
 
 
 @dataclass
@@ -56,7 +63,7 @@ def collect_input_stats(
 
     def hook(name):
         def record(module, args):
-            x = args[0].detach()
+            x = distributed.local(args[0].detach())  # a shard's slice under torch's TP hooks
             x = x.reshape(-1, x.shape[-1]).float()
             amax = x.abs().amax(dim=0).cpu()
             sq = x.square().sum(dim=0).cpu()
@@ -82,4 +89,9 @@ def collect_input_stats(
         for h in handles:
             h.remove()
         model.train(was_training)
+    modules = dict(model.named_modules())
+    for name, s in stats.items():  # the same order on every rank
+        m = modules[name]
+        s.amax = distributed.gather_input_stat(m, s.amax, f"input statistics of {name!r}")
+        s.sq_sum = distributed.gather_input_stat(m, s.sq_sum, f"input statistics of {name!r}")
     return stats

@@ -30,6 +30,16 @@ weights SmoothQuant rescales in place, the attention implementation of a transfo
 model) is recorded as it is made, and an error at any step undoes them in reverse, so
 the model is left exactly as it was; the RuntimeError raised names the layer and the
 step that failed and is chained to the original error.
+
+Tensor parallelism (fastllm.distributed): on a model sharded by torch.distributed
+(transformers' `from_pretrained(..., tp_plan="auto")`, fastllm.distributed.parallelize,
+torch's parallelize_module), every rank calls optimize with the same arguments and each
+swaps its own shard; the layers keep the engine's input/output handling, and the int8
+weights and scales, pruning masks and SmoothQuant factors are slices of those one
+process computes for the whole model (the few collectives that takes run while
+optimizing). What the shards cannot hold — a boundary inside a 2:4 group, a sparse
+block or an attention head; a layer sharded some other way — is a ValueError before
+anything is changed.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import torch
 from torch import nn
 
 from fastllm import backend as _backend
+from fastllm import distributed as _dist
 from fastllm import quant as _quant
 from fastllm import sparse as _sparse
 from fastllm.nn import (
@@ -287,8 +298,10 @@ class _Changes:
         setattr(obj, name, value)
 
     def keep_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Remembers the values of tensors about to be changed in place. The copies are
-        kept in CPU memory, so that a model on a GPU needs no room there for them."""
+        """Remembers the values of tensors about to be changed in place (this rank's shard
+        of a DTensor). The copies are kept in CPU memory, so that a model on a GPU needs no
+        room there for them."""
+        tensors = [_dist.local(t) for t in tensors]
         saved = [(t, t.detach().to("cpu", copy=True)) for t in tensors]
 
         def restore():
@@ -420,6 +433,10 @@ def optimize(
         rep.options = {**rep.options, **{k: v for k, v in opts.items() if v}}
     if cfg is None and batches is not None:
         rep.calibration = "linear=None: the calibration batches were not used"
+    # a sharded model: checked (the same on every rank) before anything changes
+    tp = _TensorParallel.of(model, cfg, filter_fn, opts, batches)
+    if tp is not None:
+        rep.notes.append(tp.note())
 
     changes = _Changes()
     was_training = model.training
@@ -434,8 +451,11 @@ def optimize(
         model.eval()
         if attention:
             _swap_attention(model, filter_fn, rep, changes)
+            # before calibration runs the model: PyTorch's encoder layer would take its fused
+            # path, which reads nn.MultiheadAttention's in_proj weights
+            _guard_fast_paths(model, rep, changes)
         if cfg is not None:
-            _swap_linears(model, cfg, batches, filter_fn, rep, changes)
+            _swap_linears(model, cfg, batches, filter_fn, rep, changes, tp)
         _guard_fast_paths(model, rep, changes)
     except BaseException as e:
         error = _failure(model, changes, e) if isinstance(e, Exception) else None
@@ -639,6 +659,10 @@ def _guard_fast_paths(model: nn.Module, rep: Report, changes: _Changes) -> None:
                                "FusedTransformerEncoderLayer",
                                "runs the swapped modules (the fused fast path would bypass them)")
                 )  # fmt: skip
+            elif type(child) is FusedTransformerEncoderLayer and all(
+                e.name != full for e in rep.layers
+            ):  # swapped in before (fastllm.distributed.parallelize): saved like the others
+                rep.layers.append(LayerEntry(full, "layer", "kept", "FusedTransformerEncoderLayer"))
             _no_nested(child, has_fastllm)
             walk(child, full)
 
@@ -764,7 +788,7 @@ def _build_linear(kind, lin: nn.Linear, name, cfg, smooth_scales, act_norms, met
 
 
 def _swap_linears(
-    model, cfg: LinearConfig, batches, filter_fn, rep: Report, changes: _Changes
+    model, cfg: LinearConfig, batches, filter_fn, rep: Report, changes: _Changes, tp=None
 ) -> None:
     targets = _linear_targets(model, cfg, filter_fn, rep, changes)
     if not targets:
@@ -795,7 +819,10 @@ def _swap_linears(
             continue
         changes.at(name, f"building {new_cls} {cfg.kind}")
         try:
-            new = _build_linear(cfg.kind, child, name, cfg, smooth_scales, act_norms, method)
+            if tp is not None and name in tp.shards:
+                new = tp.build(cfg.kind, child, name, cfg, smooth_scales, act_norms, method)
+            else:
+                new = _build_linear(cfg.kind, child, name, cfg, smooth_scales, act_norms, method)
         except ValueError as e:
             if name in conv:  # back to Conv1D, keeping what SmoothQuant folded into the weight
                 changes.keep_tensors([conv[name].weight])
@@ -811,6 +838,131 @@ def _swap_linears(
         changes.setattr(parent, attr, new)
         rep.layers.append(LayerEntry(name, "linear", "swapped", before, type(new).__name__))
     rep.options["method"] = method if cfg.kind in ("2:4", "block", "2:4+w8a8") else None
+
+
+# --- tensor parallelism --------------------------------------------------------------------
+
+
+def _would_take(kind: str, lin: nn.Module, cfg: LinearConfig) -> None:
+    """ValueError where the whole layer's shape is one `kind` does not take (what
+    `from_linear` raises on it in one process: the layer is then skipped)."""
+    from fastllm.ops._checks import INT8_MAX_K, check_int8_k
+
+    out_f, in_f = lin.weight.shape
+    if kind == "w8a8":
+        check_int8_k(in_f)
+    elif kind == "block":
+        from fastllm.sparse.format import check_block_size
+
+        check_block_size((out_f, in_f), cfg.block_size)
+    elif kind in ("2:4", "2:4+w8a8"):
+        if in_f % 4:
+            raise ValueError(f"in_features = {in_f}; 2:4 sparsity needs a multiple of 4")
+        if kind == "2:4+w8a8":
+            check_int8_k(in_f, 2 * INT8_MAX_K)
+
+
+class _TensorParallel:
+    """The sharded layers of a model (fastllm.distributed): their LinearShard and how the
+    engine that sharded them handles their inputs and outputs."""
+
+    def __init__(self, mesh, shards: dict, handlings: dict):
+        self.mesh, self.shards, self.handlings = mesh, shards, handlings
+
+    @classmethod
+    def of(cls, model, cfg, filter_fn, opts, batches) -> _TensorParallel | None:
+        if not _dist.model_is_sharded(model):
+            return None
+        _dist.require_process_group("fastllm.optimize on a sharded model")
+        shards = {}
+        for name, m in model.named_modules():
+            if _is_conv1d(m) and _dist.is_dtensor(m.weight):
+                raise ValueError(f"layer {name!r}: a sharded Conv1D, which fastllm does not swap")
+            if isinstance(m, nn.Linear):
+                shard = _dist.linear_shard(m, name)
+                if shard is not None:
+                    shards[name] = shard
+        mesh = _dist.model_mesh(shards.values())
+        _dist.check_heads(shards, _dist.head_dims(model))
+        handlings = {}
+        for name, m in model.named_modules() if cfg is not None else ():
+            if not isinstance(m, nn.Linear) or _name_matches(name, cfg.skip):
+                continue
+            if filter_fn is not None and not filter_fn(name, m):
+                continue
+            shard = shards.get(name)
+            if shard is None:
+                if _dist.is_dtensor(m.weight):
+                    raise ValueError(
+                        f"layer {name!r}: its weight is a replicated DTensor; fastllm swaps "
+                        "layers sharded colwise or rowwise (keep it in float with skip=...)"
+                    )
+                continue
+            handlings[name] = _dist.handling(model, name, m, shard)
+            try:
+                _would_take(cfg.kind, m, cfg)
+            except ValueError:
+                continue  # skipped, as in one process
+            _dist.check_boundaries(name, shard, cfg.kind, cfg.block_size)
+        if mesh is None:  # only embeddings or other layers fastllm does not swap are sharded
+            return None
+        signature = repr((opts, None if batches is None else len(batches),
+                          sorted((n, s.style, s.ranges) for n, s in shards.items())))  # fmt: skip
+        _dist.agree(mesh, "fastllm.optimize", signature)
+        return cls(mesh, shards, handlings)
+
+    def note(self) -> str:
+        n_col = sum(s.style == _dist.COLWISE for s in self.shards.values())
+        return (
+            f"tensor parallel: {self.mesh.size()} ranks ({self.mesh.device_type}), this is rank "
+            f"{self.mesh.get_local_rank()}; {len(self.shards)} sharded linear layers "
+            f"({n_col} colwise, {len(self.shards) - n_col} rowwise), each rank swaps its shard"
+        )
+
+    def build(self, kind, child, name, cfg, smooth_scales, act_norms, method) -> nn.Module:
+        """The fastllm module for this rank's shard of layer `name`, with the engine's
+        input/output handling. ValueError (the layer is skipped) where one process would
+        not take the whole layer."""
+        _would_take(kind, child, cfg)
+        shard = self.shards[name]
+        lin = _dist.local_linear(child)
+        act_norm = act_norms.get(name) if act_norms is not None and method == "wanda" else None
+        if act_norm is not None and not isinstance(act_norm, torch.Tensor):
+            act_norm = act_norm.norm  # fastllm.calibration.InputStats
+        act_norm = shard.in_slice(act_norm)
+        row_max = shard.row_max if shard.style == _dist.ROWWISE else None
+        cls = _LINEAR_MODULES[kind]
+        if cls is Int8Linear:
+            scale = shard.in_slice(smooth_scales.get(name) if smooth_scales is not None else None)
+            new = Int8Linear.from_linear(lin, mode=kind, smooth_scale=scale, row_max=row_max)
+        elif cls is BlockSparseLinear:
+            m = method if act_norm is not None else "magnitude"
+            mask = self._block_mask(shard, lin, name, cfg, m, act_norm)
+            new = BlockSparseLinear.from_linear(lin, block_size=cfg.block_size, mask=mask)
+        else:
+            m = method if act_norm is not None else "magnitude"
+            new = Sparse24Linear.from_linear(
+                lin, method=m, act_norm=act_norm, int8=kind == "2:4+w8a8", row_max=row_max
+            )
+        new.tp = shard
+        self.handlings[name].attach(new)
+        return new
+
+    @staticmethod
+    def _block_mask(shard, lin, name, cfg, method, act_norm) -> torch.Tensor:
+        """This shard's part of the whole layer's choice of tiles: the tile scores of every
+        rank joined (one collective), the highest kept, this rank's tiles taken."""
+        import importlib
+
+        _prune = importlib.import_module("fastllm.sparse.prune")  # the package exports prune()
+        bn, bk = cfg.block_size
+        tiles = _prune.tile_scores(lin.weight, method, block_size=(bn, bk), act_norm=act_norm)
+        whole = _dist.gather_cat(tiles, shard.mesh, shard.dim, f"tile scores of {name!r}")
+        keep = _prune.keep_tiles(whole, cfg.density)
+        unit = bn if shard.style == _dist.COLWISE else bk
+        part = slice(shard.start // unit, shard.stop // unit)
+        keep = keep[part] if shard.style == _dist.COLWISE else keep[:, part]
+        return _prune.expand_tiles(keep, (bn, bk))
 
 
 # --- forcing a backend for a model ---------------------------------------------------------

@@ -14,6 +14,16 @@ the layers. Calibration (SmoothQuant, Wanda) uses every fourth sentence.
 A bad argument (an unknown configuration, a device this machine does not have, a model
 directory without a model or a tokenizer) is reported in one line on stderr, with exit
 status 2 as for argparse's own errors, before anything slow is run.
+
+    fastllm optimize --tp 2                # the same table, the model sharded over 2 processes
+    torchrun --nproc-per-node 2 -m fastllm optimize       # the same, started by torchrun
+
+Tensor parallelism: `--tp N` starts N processes with torch.distributed's own launcher
+(torch.distributed.run, as torchrun does); under a launcher (WORLD_SIZE set) each process
+joins the process group (gloo on the CPU, NCCL on GPUs, one GPU per process), shards
+the model with its tp_plan or the plan fastllm ships (fastllm.distributed.parallelize),
+and fastllm.optimize swaps each rank's shard. Rank 0 prints; the table says the TP size.
+Accuracy is measured against the unsharded float model, latency of the sharded models.
 """
 
 from __future__ import annotations
@@ -112,6 +122,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--plot", metavar="FILE.png", help="draw speedup against accuracy")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor-parallel size: shard the model over N processes (started with "
+        "torch.distributed.run; under torchrun: its WORLD_SIZE)",
+    )
 
 
 class _Progress:
@@ -288,7 +305,7 @@ def parse_device(name: str | None) -> torch.device:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """UsageError for a value out of range; the model directory is checked by model_dir."""
-    for flag in ("batch_size", "repeats", "max_length", "threads", "sentences"):
+    for flag in ("batch_size", "repeats", "max_length", "threads", "sentences", "tp"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {value}: expected an integer >= 1")
@@ -307,15 +324,15 @@ def run(args: argparse.Namespace) -> int:
     import fastllm
     from fastllm._sentences import SENTENCES
 
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in names if c not in CONFIGS]
-    if unknown or not names:
-        what = f"unknown configuration(s) {unknown}" if unknown else "no configuration"
-        raise UsageError(
-            f"--configs {args.configs!r}: {what}; expected some of {', '.join(CONFIGS)}, "
-            "comma-separated"
-        )
+    names = _config_names(args)
     _check_arguments(args)
+    world = _launched_world()
+    if world is None and args.tp is not None and args.tp > 1:
+        parse_device(args.device)
+        model_dir(args.model)
+        return launch(args)  # starts args.tp processes that run this command again
+    if world is not None and world > 1:
+        return run_sharded(args, names, world)
     device = parse_device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
@@ -367,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "device": str(device),
         "dtype": dtype_name,
+        "tp": 1,
         "batch_size": timed["input_ids"].shape[0],
         "tokens_per_sentence_max": timed["input_ids"].shape[1],
         "sentences": len(sentences),
@@ -374,6 +392,11 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "rows": rows,
     }
+    _print(args, info)
+    return 0
+
+
+def _print(args, info: dict) -> None:
     if args.json:
         print(json.dumps(info, indent=1))
     else:
@@ -382,12 +405,172 @@ def run(args: argparse.Namespace) -> int:
         plot(info, args.plot)
         if not args.json:
             print(f"wrote {args.plot}")
+
+
+def _config_names(args) -> list[str]:
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown or not names:
+        what = f"unknown configuration(s) {unknown}" if unknown else "no configuration"
+        raise UsageError(
+            f"--configs {args.configs!r}: {what}; expected some of {', '.join(CONFIGS)}, "
+            "comma-separated"
+        )
+    return names
+
+
+# --- tensor parallelism -------------------------------------------------------------------
+
+
+def _launched_world() -> int | None:
+    """WORLD_SIZE when this process was started by torchrun / torch.distributed.run."""
+    world = os.environ.get("WORLD_SIZE")
+    return int(world) if world and "RANK" in os.environ else None
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line of `args` (for the processes the launcher starts)."""
+    argv = ["optimize", str(args.model), "--configs", args.configs]
+    for flag in ("batch_size", "repeats", "sentences", "max_length", "device", "dtype",
+                 "threads", "save", "plot", "tp"):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    argv += [f"--{f}" for f in ("json", "no_progress") if getattr(args, f)]
+    return [a.replace("--no_progress", "--no-progress") for a in argv]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Runs this command in args.tp processes with torch.distributed's own launcher."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as launch_processes
+
+    # one share of the cores each, said explicitly (torchrun would warn and pick 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.tp)))
+    launcher = get_args_parser().parse_args(
+        ["--nproc-per-node", str(args.tp), "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "fastllm", *_argv(args)]
+    )  # fmt: skip
+    try:
+        launch_processes(launcher)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"fastllm optimize --tp {args.tp}: rank {rank} failed (exit code "
+              f"{failure.exitcode}); its error is above", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
+def run_sharded(args: argparse.Namespace, names: list[str], world: int) -> int:
+    """The table with every model sharded over the `world` processes of this job (called
+    in each of them); rank 0 prints."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import fastllm
+    from fastllm import distributed
+    from fastllm._sentences import SENTENCES
+
+    if args.tp is not None and args.tp != world:
+        raise UsageError(
+            f"--tp {args.tp}: the launcher started {world} processes (WORLD_SIZE={world}); "
+            "give --tp the same number, or leave it out under torchrun"
+        )
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = parse_device(args.device)
+    if device.type == "cuda":
+        if torch.cuda.device_count() < world:
+            raise UsageError(
+                f"--tp {world} on cuda: this machine has {torch.cuda.device_count()} GPU(s), "
+                "one per process is needed"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    path = model_dir(args.model)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, timeout=datetime.timedelta(seconds=distributed.setup_timeout())
+    )
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        lead = rank == 0
+        sentences = SENTENCES if args.sentences is None else SENTENCES[: args.sentences]
+        tok, base = load_model(path, device, dtype)
+        eval_batches = make_batches(tok, sentences, args.batch_size, args.max_length, device)
+        calib = make_batches(tok, sentences[::4], args.batch_size, args.max_length, device)
+        timed = eval_batches[0]
+        progress = _Progress(args.repeats + len(names) + 1, args.no_progress or not lead)
+
+        ref = embed(base, eval_batches)  # accuracy: against the unsharded float model
+        base_label = f"{dtype_name} (unmodified, TP={world})"
+        progress.step("sharding the float model")
+        sharded = distributed.parallelize(copy.deepcopy(base))
+        models = {base_label: sharded}
+        rows = {base_label: _row(base_label, None, embed(sharded, eval_batches), ref, "PyTorch")}
+        for name in names:
+            desc, kwargs, needs_calib = CONFIGS[name]
+            progress.step(f"optimizing {name}" + (" (calibrating)" if needs_calib else ""))
+            model = distributed.parallelize(copy.deepcopy(base))
+            fastllm.optimize(model, calibration=calib if needs_calib else None, **kwargs)
+            rows[name] = _row(name, desc, embed(model, eval_batches), ref, _served(model))
+            if args.save:
+                saved = fastllm.save(model, Path(args.save) / name.replace(":", "-"))
+                rows[name]["saved"] = str(saved)
+            models[name] = model
+        del base
+        ms = time_interleaved(models, timed, args.repeats, progress)
+        for name, t in ms.items():
+            rows[name]["ms"] = t
+            rows[name]["speedup"] = ms[base_label] / t
+        progress.close()
+        info = {
+            "model": str(args.model),
+            "device": str(device) if device.type == "cpu" else f"{device.type} x{world}",
+            "dtype": dtype_name,
+            "tp": world,
+            "tp_backend": backend,
+            "batch_size": timed["input_ids"].shape[0],
+            "tokens_per_sentence_max": timed["input_ids"].shape[1],
+            "sentences": len(sentences),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "rows": list(rows.values()),
+        }
+        if lead:
+            _print(args, info)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _row(name: str, desc: str | None, emb: torch.Tensor, ref: torch.Tensor, served: str) -> dict:
+    cos = (emb * ref).sum(-1)
+    row = {"config": name, "cos_mean": cos.mean().item(), "cos_min": cos.min().item()}
+    if desc is not None:
+        row["description"] = desc
+    row["served"] = served
+    return row
+
+
 def table(info: dict) -> str:
+    tp = info.get("tp", 1)
+    where = f"tensor parallel TP={tp} ({info.get('tp_backend')}), " if tp > 1 else "TP=1, "
+    threads = f"{info['threads']} threads" + (" per process" if tp > 1 else "")
     head = (
-        f"{info['model']} on {info['device']} ({info['dtype']}, {info['threads']} threads): "
+        f"{info['model']} on {info['device']} ({info['dtype']}, {where}{threads}): "
         f"batch of {info['batch_size']} sentences padded to {info['tokens_per_sentence_max']} "
         f"tokens; accuracy over {info['sentences']} sentences"
     )

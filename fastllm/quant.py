@@ -26,6 +26,11 @@ output must scale by exactly 1/s), and undone where it does not.
 Layers without such a norm (attention output, MLP down projection, or any layer of a
 model that could not be analysed) are left alone, or, with ``unfoldable="runtime"``, get
 their s as ``Int8Linear.smooth_scale`` (the input is divided by s at run time).
+
+Under tensor parallelism (layers sharded by torch.distributed, fastllm.distributed) s is
+the whole layer's on every rank: activation maxima come whole from
+fastllm.calibration, the weight's per-input-channel maximum is taken over all ranks
+(one all-reduce per column-wise layer), and each rank scales the columns it holds.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fastllm import distributed
 from fastllm.calibration import InputStats, collect_input_stats
 
 
@@ -313,7 +319,10 @@ def _fold(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> str | N
             "weight is divided by s (not of the form f(x) * weight + bias)"
         )
     for lin in linears:
-        lin.weight.copy_(lin.weight.float() * sd.to(lin.weight.device)[None, :])
+        shard = distributed.linear_shard(lin)
+        cols = sd if shard is None else shard.in_slice(sd)  # the columns this rank holds
+        w = distributed.local(lin.weight)
+        w.copy_(w.float() * cols.to(w.device)[None, :])
     return None
 
 
@@ -378,8 +387,8 @@ def smooth(
         reason = fx_error + "; pass example= to find the norms by running the model"
         why_not = {name: reason for name in stats}
 
-    def w_amax(lin: nn.Linear) -> torch.Tensor:
-        return lin.weight.detach().abs().amax(dim=0).float().cpu()
+    def w_amax(lin: nn.Linear) -> torch.Tensor:  # max |W[:, j]| of the whole layer
+        return distributed.column_amax(lin)
 
     for norm_name, names in groups.items():
         missing = [n for n in names if n not in stats]

@@ -16,6 +16,13 @@ the kernels trust (index ranges, 2:4 metadata, scales finite and > 0) — and on
 copies them in. Every field of both files is type-checked, and "weights" must name a
 file inside the directory. Any problem raises ValueError naming the file and the key or
 tensor, and undoes the swaps: a failed load leaves the model as it was.
+
+Tensor parallelism (fastllm.distributed): one checkpoint for every TP size. `save` on a
+sharded model is called on every rank; the shards are gathered on one rank, which writes
+the same files one process would (the whole layers, in the same layout). `load` into a
+sharded float model (from_pretrained(..., tp_plan="auto"), fastllm.distributed.parallelize)
+rebuilds each rank's shard of the swapped layers and reads only that rank's slice of each
+tensor from the safetensors file, so that its memory is proportional to its shard.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastllm import distributed as _dist
 from fastllm.sparse.format import BlockSparseWeight, check_block_sparse, decompress_24
 
 FORMAT = "fastllm"
@@ -107,16 +115,28 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
 
     state = model.state_dict()
+    mesh = _model_mesh(model)
+    whole = None
+    if mesh is not None:  # every rank calls save; one of them writes
+        _dist.agree(mesh, "fastllm.save", repr([(n, _global_shape(model, n, t))
+                                                for n, t in state.items()]))  # fmt: skip
+        whole = _gather_state(model, state, mesh)  # None on the ranks that do not write
+        if whole is None:
+            _dist.barrier(mesh, "fastllm.save: waiting for the rank that writes")
+            return directory
     tensors, aliases, seen, extra = {}, {}, {}, {}
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):  # get_extra_state() of a module: kept in the JSON
             extra[name] = t
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-        if t.numel() and key in seen:  # tied weights are stored once
+        lt = _dist.local(t)
+        key = (lt.untyped_storage().data_ptr(), lt.storage_offset(), tuple(lt.shape), lt.stride())
+        if lt.numel() and key in seen:  # tied weights are stored once
             aliases[name] = seen[key]
             continue
         seen[key] = name
+        if whole is not None:
+            t = whole[name]
         tensors[name] = t.detach().contiguous().cpu()
 
     modules = dict(model.named_modules())
@@ -148,10 +168,14 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "hf": _hf_info(model),
         "weights": WEIGHTS_FILE,
     }  # fmt: skip
+    if mesh is not None:
+        meta["saved_from"] = {"tp_size": mesh.size()}  # informational: loads at any TP size
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     st.save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
     os.replace(tmp, directory / WEIGHTS_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    if mesh is not None:
+        _dist.barrier(mesh, "fastllm.save: telling the other ranks the files are written")
     return directory
 
 
@@ -388,6 +412,14 @@ def load(model_or_config, directory: str | os.PathLike) -> nn.Module:
             f"{type(model).__name__} is already optimized; fastllm.load rebuilds from the float model"
         )
 
+    # a sharded float model: checked the same way on every rank before anything changes
+    shards = _float_shards(model)
+    mesh = _dist.model_mesh(shards.values())
+    if mesh is not None:
+        _dist.require_process_group("fastllm.load into a sharded model")
+        _dist.check_heads(shards, _dist.head_dims(model))
+        _dist.agree(mesh, "fastllm.load", repr((sorted(header), sorted(meta["modules"].items()))))
+
     swaps = []  # (parent, attr, old module) to undo on failure
     previous_attn = None
     try:
@@ -413,7 +445,7 @@ def load(model_or_config, directory: str | os.PathLike) -> nn.Module:
         for name in sorted(meta["modules"], key=lambda n: n.count(".")):
             info = meta["modules"][name]
             parent, attr, old = _locate(model, name, directory)
-            new = _rebuild(old, info, name, directory)
+            new = _rebuild(old, info, name, directory, model, shards)
             setattr(parent, attr, new)
             swaps.append((parent, attr, old))
             rep.layers.append(_opt.LayerEntry(name, info["kind"], "swapped", info["from"],
@@ -460,14 +492,30 @@ def _locate(model: nn.Module, name: str, directory: Path):
     return parent, attr, old
 
 
-def _rebuild(old: nn.Module, info: dict, name: str, directory: Path) -> nn.Module:
-    """The fastllm module `info` describes, built around the float module `old`. Weights
+def _float_shards(model: nn.Module) -> dict:
+    """{name: LinearShard} of the sharded nn.Linear layers of a float model."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            shard = _dist.linear_shard(m, name)
+            if shard is not None:
+                out[name] = shard
+    return out
+
+
+def _rebuild(
+    old: nn.Module, info: dict, name: str, directory: Path, model=None, shards=None
+) -> nn.Module:
+    """The fastllm module `info` describes, built around the float module `old` (for a
+    sharded `old`, this rank's shard, with the engine's input/output handling). Weights
     are placeholders: the file's tensors replace them."""
     import fastllm.nn as fnn
 
     _opt = _optimize_module()
     where = f"{directory / CONFIG_FILE}: layer {name!r}"
     kind, typ, args = info["kind"], info["type"], info.get("args", {})
+    if kind in ("layer", "attention") and type(old).__name__ == typ:
+        return old  # already fastllm's (fastllm.distributed.parallelize splits attention)
     if kind == "layer":
         if type(old) is not nn.TransformerEncoderLayer:
             raise ValueError(
@@ -485,20 +533,31 @@ def _rebuild(old: nn.Module, info: dict, name: str, directory: Path) -> nn.Modul
         return new
     if not (isinstance(old, nn.Linear) or _opt._is_conv1d(old)):
         raise ValueError(f"{where} should be a linear layer, found {type(old).__name__}")
-    lin = _opt._as_linear(old)
-    w = lin.weight
+    shard = (shards or {}).get(name)
+    lin = old if shard is not None else _opt._as_linear(old)
+    w = _dist.local(lin.weight)
     factory = {"device": w.device, "dtype": w.dtype}
     bias = lin.bias is not None
+    in_f, out_f = lin.in_features, lin.out_features
+    if shard is not None:
+        handling = _dist.handling(model, name, old, shard)
+        in_f, out_f = shard.local_in, shard.local_out
+        unit = {"Sparse24Linear": "2:4", "BlockSparseLinear": "block"}.get(typ, typ)
+        _dist.check_boundaries(name, shard, unit, tuple(args.get("block_size") or (64, 64)))
     if typ == "Sparse24Linear":
-        return cls(lin.in_features, lin.out_features, bias, int8=args.get("int8", False), **factory)
-    if typ == "BlockSparseLinear":
-        bs = tuple(args.get("block_size", (64, 64)))
-        return cls(lin.in_features, lin.out_features, bias, block_size=bs, **factory)
-    if typ == "Int8Linear":
+        new = cls(in_f, out_f, bias, int8=args.get("int8", False), **factory)
+    elif typ == "BlockSparseLinear":
+        bs = tuple(args.get("block_size") or (64, 64))
+        new = cls(in_f, out_f, bias, block_size=bs, **factory)
+    elif typ == "Int8Linear":
         smooth = bool(args.get("smooth", False))
-        return cls(lin.in_features, lin.out_features, bias, mode=args["mode"], smooth=smooth,
-                   **factory)  # fmt: skip
-    raise ValueError(f"{where} is a {typ}, which fastllm.load does not rebuild")
+        new = cls(in_f, out_f, bias, mode=args["mode"], smooth=smooth, **factory)
+    else:
+        raise ValueError(f"{where} is a {typ}, which fastllm.load does not rebuild")
+    if shard is not None:
+        new.tp = shard
+        handling.attach(new)
+    return new
 
 
 def _check_extra(model: nn.Module, saved: dict, directory: Path) -> dict:
@@ -519,6 +578,7 @@ def _check_extra(model: nn.Module, saved: dict, directory: Path) -> dict:
 def _read_checked(model: nn.Module, weights: Path, header: dict, aliases: dict) -> dict:
     st = _safetensors()
     expected = {n: t for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    sharded = _model_mesh(model) is not None
     names = {aliases.get(n, n) for n in expected}
     variable = {
         f"{prefix}.{b}" if prefix else b
@@ -547,13 +607,17 @@ def _read_checked(model: nn.Module, weights: Path, header: dict, aliases: dict) 
                 f"{weights}: tensor {src!r} has dtype {info['dtype']}; the model expects {t.dtype}"
             )
         shape, want = tuple(info["shape"]), tuple(t.shape)
+        if sharded:  # the whole layer's shape (None: a BSR buffer of any length)
+            want = _global_shape(model, name, t) or want
         if name in variable and len(shape) == len(want):  # kept tiles: any number
             shape, want = shape[1:], want[1:]
         if shape != want:
             raise ValueError(
                 f"{weights}: tensor {src!r} has shape {tuple(info['shape'])}; the model "
-                f"expects {tuple(t.shape)}"
+                f"expects {_global_shape(model, name, t) if sharded else tuple(t.shape)}"
             )
+    if sharded:
+        return _read_sharded(weights, model, header, aliases)
     out = {}
     try:
         with st.safe_open(str(weights), framework="pt") as f:
@@ -626,3 +690,290 @@ def _check_values(model: nn.Module, tensors: dict, aliases: dict, weights: Path)
             check(m, layer, tensor)
         except ValueError as e:
             raise ValueError(f"{weights}: {e}") from None
+
+
+# --- tensor parallelism: one checkpoint for every TP size --------------------------------------
+
+# How each buffer of a sharded fastllm layer splits the whole layer's tensor, as
+# (colwise, rowwise): "out" along the output features (dim 0), "in" along the input
+# features (the last dim), "in/2" the 2:4 values (dim 1, half the input features),
+# "nibbles" the 2:4 metadata (4 bits per group of 4 input features), None: whole on
+# every rank. BlockSparseLinear's BSR buffers are split by block rows or block columns.
+_SPLITS = {
+    "Int8Linear": {
+        "weight": ("out", "in"),
+        "weight_scale": ("out", None),
+        "bias": ("out", None),
+        "smooth_scale": (None, "in"),
+    },
+    "Sparse24Linear": {
+        "values": ("out", "in/2"),
+        "metadata": ("out", "nibbles"),
+        "weight_scale": ("out", None),
+        "bias": ("out", None),
+    },
+    "BlockSparseLinear": {"bias": ("out", None)},
+}
+_BSR = ("crow_indices", "col_indices", "blocks")
+
+
+def _sharded_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if getattr(m, "tp", None) is not None}
+
+
+def _model_mesh(model: nn.Module):
+    """The tensor-parallel mesh of a sharded model (its fastllm layers' or its DTensors'),
+    None for a model in one process."""
+    for m in _sharded_layers(model).values():
+        return m.tp.mesh
+    for t in [*model.parameters(), *model.buffers()]:
+        if _dist.is_dtensor(t):
+            return t.device_mesh
+    return None
+
+
+def _writes(mesh) -> bool:
+    """The rank that writes: mesh rank 0, in the mesh that holds global rank 0."""
+    return mesh.get_local_rank() == 0 and 0 in mesh.mesh.flatten().tolist()
+
+
+def _rule(m: nn.Module, buffer: str) -> str | None:
+    col, row = _SPLITS.get(type(m).__name__, {}).get(buffer, (None, None))
+    return col if m.tp.style == _dist.COLWISE else row
+
+
+def _owner(name: str, layers: dict) -> tuple[nn.Module | None, str]:
+    prefix, _, buffer = name.rpartition(".")
+    return layers.get(prefix), buffer
+
+
+def _global_shape(model: nn.Module, name: str, t) -> tuple | None:
+    """The shape of tensor `name` in a checkpoint (the whole layer's), from this rank's
+    model; None for a BSR buffer (its length is the checkpoint's)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    m, buffer = _owner(name, _sharded_layers(model))
+    if m is None:
+        return tuple(t.shape)
+    s, shape = m.tp, list(t.shape)
+    rule = _rule(m, buffer)
+    if buffer in _BSR:
+        bn = m.block_size[0]
+        return (s.out_features // bn + 1,) if buffer == "crow_indices" else None
+    if rule == "out":
+        shape[0] = s.out_features
+    elif rule == "in":
+        shape[-1] = s.in_features
+    elif rule == "in/2":
+        shape[1] = s.in_features // 2
+    elif rule == "nibbles":
+        shape[1] = -(-s.in_features // 16)
+    return tuple(shape)
+
+
+def _nibbles(metadata: torch.Tensor, groups: int) -> torch.Tensor:
+    """int16 (N, C) 2:4 metadata -> int64 (N, groups), one 4-bit nibble per group of 4."""
+    words = metadata.to(torch.int64) & 0xFFFF
+    shifts = torch.arange(0, 16, 4, device=metadata.device)
+    nib = (words[..., None] >> shifts) & 0xF
+    return nib.reshape(metadata.shape[0], -1)[:, :groups]
+
+
+def _pack(nibbles: torch.Tensor) -> torch.Tensor:
+    """(N, groups) nibbles -> int16 (N, ceil(groups / 4)) metadata (nibbles past the last
+    group 0, the 16 bits as they are)."""
+    N, G = nibbles.shape
+    padded = torch.zeros(N, -(-G // 4) * 4, dtype=torch.int64, device=nibbles.device)
+    padded[:, :G] = nibbles
+    shifts = torch.arange(0, 16, 4, device=nibbles.device)
+    words = (padded.view(N, -1, 4) << shifts).sum(-1)
+    return torch.where(words >= 32768, words - 65536, words).to(torch.int16)
+
+
+def _merge_bsr(pieces: list[tuple], shard, block_size) -> dict[str, torch.Tensor]:
+    """The whole layer's BSR buffers from every rank's (crow, col, blocks)."""
+    bn, bk = block_size
+    if shard.style == _dist.COLWISE:  # block rows, one rank after another
+        crows, offset = [pieces[0][0][:1]], 0
+        for crow, _, _ in pieces:
+            crows.append(crow[1:] + offset)
+            offset += int(crow[-1])
+        return {
+            "crow_indices": torch.cat(crows),
+            "col_indices": torch.cat([p[1] for p in pieces]),
+            "blocks": torch.cat([p[2] for p in pieces]),
+        }
+    rows = pieces[0][0].numel() - 1  # block columns: each row's tiles, rank after rank
+    cols, blocks, counts = [], [], []
+    for i in range(rows):
+        n = 0
+        for (crow, col, blk), (a, _) in zip(pieces, shard.ranges):
+            lo, hi = int(crow[i]), int(crow[i + 1])
+            cols.append(col[lo:hi] + a // bk)
+            blocks.append(blk[lo:hi])
+            n += hi - lo
+        counts.append(n)
+    crow = torch.zeros(rows + 1, dtype=torch.int32)
+    crow[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    return {"crow_indices": crow, "col_indices": torch.cat(cols), "blocks": torch.cat(blocks)}
+
+
+def _gather_layer(m: nn.Module, name: str, mesh) -> dict[str, torch.Tensor] | None:
+    """{buffer: the whole layer's tensor} of sharded fastllm layer `m`, on mesh rank 0."""
+    s = m.tp
+    out: dict[str, torch.Tensor] = {}
+    what = f"fastllm.save: gathering layer {name!r}"
+    for buffer, t in m.named_buffers(recurse=False):
+        if buffer in _BSR:
+            continue
+        rule = _rule(m, buffer)
+        if rule is None:
+            out[buffer] = t
+            continue
+        if rule == "nibbles":
+            t = _nibbles(t, (s.stop - s.start) // 4)
+        dim = {"out": 0, "in": -1, "in/2": 1, "nibbles": 1}[rule]
+        whole = _dist.gather_cat(t, mesh, dim, what, dst=0)
+        if whole is not None:
+            out[buffer] = _pack(whole) if rule == "nibbles" else whole
+    if type(m).__name__ == "BlockSparseLinear":
+        parts = [_dist.gather_pieces(getattr(m, b), mesh, what, dst=0) for b in _BSR]
+        if parts[0] is not None:
+            pieces = [tuple(p[r].cpu() for p in parts) for r in range(mesh.size())]
+            out.update(_merge_bsr(pieces, s, m.block_size))
+    return out if mesh.get_local_rank() == 0 else None
+
+
+def _gather_state(model: nn.Module, state: dict, mesh) -> dict | None:
+    """The state dict of the whole model on the rank that writes (None elsewhere): every
+    sharded tensor gathered (collectives in the same order on every rank)."""
+    layers = _sharded_layers(model)
+    whole_layers = {n: _gather_layer(m, n, mesh) for n, m in layers.items()}
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        m, buffer = _owner(name, layers)
+        if m is not None:
+            full = whole_layers[name.rpartition(".")[0]]
+            out[name] = None if full is None else full[buffer]
+        elif _dist.is_dtensor(t):
+            out[name] = _gather_dtensor(t, name)
+        else:
+            out[name] = t
+    return out if _writes(mesh) else None
+
+
+def _gather_dtensor(t, name: str):
+    (p,) = t.placements
+    if p.is_replicate():
+        return t.to_local()
+    if not p.is_shard():
+        raise ValueError(
+            f"tensor {name!r} has placement {p}; fastllm.save gathers Shard and Replicate"
+        )
+    what = f"fastllm.save: gathering {name!r}"
+    return _dist.gather_cat(t.to_local(), t.device_mesh, p.dim, what, dst=0)
+
+
+def _read_slice(f, name: str, rule: str | None, shard, header_shape):
+    """This rank's slice of checkpoint tensor `name` under `rule` (only its bytes read)."""
+    if rule is None:
+        return f.get_tensor(name)
+    a, b = shard.start, shard.stop
+    sl = f.get_slice(name)
+    if rule == "out":
+        return sl[a:b]
+    if rule == "in":
+        return sl[a:b] if len(header_shape) == 1 else sl[:, a:b]
+    if rule == "in/2":
+        return sl[:, a // 2 : b // 2]
+    # nibbles: the 16-column chunks that hold groups a/4 .. b/4, cut and packed again
+    c0, c1 = a // 16, -(-b // 16)
+    nib = _nibbles(sl[:, c0:c1], (c1 - c0) * 4)
+    g0 = a // 4 - 4 * c0
+    return _pack(nib[:, g0 : g0 + (b - a) // 4])
+
+
+def _read_bsr_slice(f, prefix: str, m: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's block rows (colwise) or block columns (rowwise) of a BSR weight; the
+    index arrays are read whole, only this rank's tiles of `blocks`."""
+    s, (bn, bk) = m.tp, m.block_size
+    crow = f.get_tensor(f"{prefix}.crow_indices").to(torch.int64)
+    col = f.get_tensor(f"{prefix}.col_indices")
+    blocks = f.get_slice(f"{prefix}.blocks")
+    if s.style == _dist.COLWISE:
+        r0, r1 = s.start // bn, s.stop // bn
+        lo, hi = int(crow[r0]), int(crow[r1])
+        return {
+            "crow_indices": (crow[r0 : r1 + 1] - lo).to(torch.int32),
+            "col_indices": col[lo:hi],
+            "blocks": blocks[lo:hi],
+        }
+    c0, c1 = s.start // bk, s.stop // bk
+    cols, parts, counts = [], [], []
+    for i in range(crow.numel() - 1):
+        lo, hi = int(crow[i]), int(crow[i + 1])
+        row = col[lo:hi].to(torch.int64)
+        # ascending per row: this rank's columns are one run
+        first = lo + int((row < c0).sum())
+        last = lo + int((row < c1).sum())
+        cols.append(col[first:last] - c0)
+        if last > first:
+            parts.append(blocks[first:last])
+        counts.append(last - first)
+    out_crow = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    out_crow[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    shape = tuple(f.get_slice(f"{prefix}.blocks").get_shape())
+    empty = torch.zeros(0, *shape[1:], dtype=_DTYPES[f.get_slice(f"{prefix}.blocks").get_dtype()])
+    return {
+        "crow_indices": out_crow,
+        "col_indices": torch.cat(cols).to(torch.int32) if cols else col[:0],
+        "blocks": torch.cat(parts) if parts else empty,
+    }
+
+
+def _read_sharded(weights: Path, model: nn.Module, header: dict, aliases: dict) -> dict:
+    """Every tensor of the file the rebuilt sharded `model` needs, as this rank holds it:
+    its slice for sharded layers and DTensors (wrapped as DTensors again), whole for the
+    others."""
+    from torch.distributed.tensor import DTensor
+
+    st = _safetensors()
+    layers = _sharded_layers(model)
+    state = model.state_dict()
+    out = {}
+    try:
+        with st.safe_open(str(weights), framework="pt") as f:
+            for prefix, m in layers.items():
+                if type(m).__name__ == "BlockSparseLinear":
+                    for b, t in _read_bsr_slice(f, prefix, m).items():
+                        out[f"{prefix}.{b}"] = t
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor) or name in out:
+                    continue
+                src = aliases.get(name, name)
+                m, buffer = _owner(name, layers)
+                if m is not None:
+                    out[name] = _read_slice(f, src, _rule(m, buffer), m.tp, header[src]["shape"])
+                elif _dist.is_dtensor(t):
+                    (p,) = t.placements
+                    if p.is_shard():
+                        a, b = _dist.chunk_ranges(t.shape[p.dim], t.device_mesh.size())[
+                            t.device_mesh.get_local_rank()
+                        ]
+                        index = (slice(None),) * p.dim + (slice(a, b),)
+                        piece = f.get_slice(src)[index]
+                    else:
+                        piece = f.get_tensor(src)
+                    out[name] = DTensor.from_local(
+                        piece.to(t.device), t.device_mesh, t.placements, run_check=False,
+                        shape=t.shape, stride=t.stride(),
+                    )  # fmt: skip
+                else:
+                    out[name] = f.get_tensor(src)
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error type
+        raise ValueError(f"{weights}: cannot read tensor data ({e})") from None
+    return out

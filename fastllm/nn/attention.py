@@ -24,6 +24,13 @@ class FusedMultiheadAttention(nn.Module):
         ``multi_head_attention_forward``, as the weights are asked for.
     Pass ``need_weights=False`` to get the fused path. Returns (output, weights or None).
     Not supported (rejected by from_module): add_bias_kv, add_zero_attn.
+
+    Tensor parallelism (fastllm.distributed.parallelize with a plan that names q_proj,
+    k_proj, v_proj colwise and out_proj rowwise): each rank projects, attends and
+    projects back its own heads (the head count is read from the projections' output,
+    not from num_heads), and out_proj's reduction joins them. A per-head 3-D attn_mask
+    is cut to this rank's heads; need_weights=True is refused (the weights are spread
+    over the ranks).
     """
 
     def __init__(
@@ -135,11 +142,23 @@ class FusedMultiheadAttention(nn.Module):
             is_causal=is_causal,
         )
 
-    def _additive_mask(self, attn_mask, key_padding_mask, batch, lq, lk, dtype, causal):
-        """Merged float mask (batch, heads, lq, lk): 0 to keep, -inf to drop."""
-        mask = torch.zeros(
-            batch, self.num_heads, lq, lk, dtype=dtype, device=self.q_proj.weight.device
-        )
+    def _local_heads(self) -> tuple[int, int] | None:
+        """[first, last) of the heads this rank serves when q_proj is a tensor-parallel
+        shard (a DTensor weight, or a fastllm layer's `tp`), else None."""
+        shard = getattr(self.q_proj, "tp", None)
+        if shard is None and hasattr(self.q_proj._parameters.get("weight"), "placements"):
+            from fastllm import distributed
+
+            shard = distributed.linear_shard(self.q_proj)
+        if shard is None:
+            return None
+        return shard.start // self.head_dim, shard.stop // self.head_dim
+
+    def _additive_mask(self, attn_mask, key_padding_mask, batch, lq, lk, dtype, causal, device):
+        """Merged float mask (batch, heads, lq, lk): 0 to keep, -inf to drop (this rank's
+        heads under tensor parallelism)."""
+        h0, h1 = self._local_heads() or (0, self.num_heads)
+        mask = torch.zeros(batch, h1 - h0, lq, lk, dtype=dtype, device=device)
         if causal:
             # what nn.MultiheadAttention does with is_causal: SDPA's top-left causal mask
             keep = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
@@ -147,7 +166,7 @@ class FusedMultiheadAttention(nn.Module):
         if attn_mask is not None:
             am = attn_mask
             if am.dim() == 3:  # (batch * heads, lq, lk)
-                am = am.view(batch, self.num_heads, lq, lk)
+                am = am.view(batch, self.num_heads, lq, lk)[:, h0:h1]
             if am.dtype == torch.bool:
                 mask = mask.masked_fill(am, float("-inf"))
             else:
@@ -179,6 +198,12 @@ class FusedMultiheadAttention(nn.Module):
         elif self.batch_first:  # -> (L, N, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
 
+        heads = self._local_heads()
+        if heads is not None and (need_weights or (self.training and self.dropout > 0)):
+            raise ValueError(
+                "a tensor-parallel FusedMultiheadAttention computes its heads on several ranks: "
+                "pass need_weights=False (and no dropout while training)"
+            )
         if need_weights or (self.training and self.dropout > 0):
             out, weights = self._torch_forward(
                 query,
@@ -195,9 +220,10 @@ class FusedMultiheadAttention(nn.Module):
             lq, batch, _ = query.shape
             lk = key.shape[0]
             # projections in (N, L, E) so that q/k/v are (N, L, H, D) views
-            q = self.q_proj(query.transpose(0, 1)).view(batch, lq, self.num_heads, self.head_dim)
-            k = self.k_proj(key.transpose(0, 1)).view(batch, lk, self.num_heads, self.head_dim)
-            v = self.v_proj(value.transpose(0, 1)).view(batch, lk, self.num_heads, self.head_dim)
+            # this rank's heads under tensor parallelism (all of them otherwise): -1
+            q = self.q_proj(query.transpose(0, 1)).view(batch, lq, -1, self.head_dim)
+            k = self.k_proj(key.transpose(0, 1)).view(batch, lk, -1, self.head_dim)
+            v = self.v_proj(value.transpose(0, 1)).view(batch, lk, -1, self.head_dim)
             if (
                 key_padding_mask is None
                 and (attn_mask is None or is_causal)
@@ -208,7 +234,7 @@ class FusedMultiheadAttention(nn.Module):
                 o = attention(q, k, v, causal=is_causal)
             else:
                 o = self._masked(q, k, v, attn_mask, key_padding_mask, batch, lq, lk, is_causal)
-            out = self.out_proj(o.reshape(batch, lq, self.embed_dim)).transpose(0, 1)
+            out = self.out_proj(o.reshape(batch, lq, -1)).transpose(0, 1)
 
         if unbatched:
             return out.squeeze(1), (weights.squeeze(0) if weights is not None else None)
@@ -219,6 +245,7 @@ class FusedMultiheadAttention(nn.Module):
     def _masked(self, q, k, v, attn_mask, key_padding_mask, batch, lq, lk, causal):
         # served by the torch path: SDPA with the merged additive mask
         mask = self._additive_mask(
-            None if causal else attn_mask, key_padding_mask, batch, lq, lk, q.dtype, causal
-        )
+            None if causal else attn_mask, key_padding_mask, batch, lq, lk, q.dtype, causal,
+            q.device,
+        )  # fmt: skip
         return _sdpa(q, k, v, mask=mask)

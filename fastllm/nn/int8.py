@@ -12,6 +12,22 @@ bias only: the scales stay float32.
 
 ``last_backend`` records which backend served the latest forward (not updated under
 torch.compile, where the op runs outside Python).
+
+Tensor parallelism: a layer built for one rank's shard of a sharded nn.Linear
+(fastllm.optimize does it) holds that shard's buffers, in_features/out_features of the
+shard, and in ``tp`` how it is sharded (fastllm.distributed.LinearShard; None when it is
+whole). Column-wise shards compute their output features; row-wise shards compute
+partial sums, all-reduced after the epilogue, the bias added once after the reduction.
+The scales are those of the whole layer: a row-wise shard quantizes its rows against
+their maximum over all ranks, so that every rank's int8 weights and scales are a slice
+of what one process computes.
+
+W8A8 on a row-wise shard quantizes the activations per token over this rank's slice of
+the input features only. That is at least as accurate as quantizing the whole row: a
+slice's max |x| is at most the row's, so its step (max / 127) is at most the step one
+process would use, and every element's rounding error at most the same bound; the int32
+products are exact, each rank's partial sum is dequantized in float with its own
+scale, and only float partial sums are added by the reduction.
 """
 
 from __future__ import annotations
@@ -93,6 +109,7 @@ class Int8Linear(nn.Module):
         else:
             self.smooth_scale = None
         self.last_backend: str | None = None
+        self.tp = None  # fastllm.distributed.LinearShard of a tensor-parallel shard
 
     @classmethod
     @torch.no_grad()
@@ -101,12 +118,18 @@ class Int8Linear(nn.Module):
         linear: nn.Linear,
         mode: str = "w8a8",
         smooth_scale: torch.Tensor | None = None,
+        *,
+        row_max=None,
     ) -> Int8Linear:
         """Quantizes ``linear.weight`` per output channel (fastllm.ops.quantize_per_channel).
 
         smooth_scale: (in_features,) positive factors s (SmoothQuant, from
         fastllm.quant.smooth): the weight is quantized as W * s[None, :] and the input is
         divided by s at run time, so that the float result is unchanged.
+        row_max: for a shard holding some columns of a layer's rows (tensor parallelism):
+            a function from this shard's per-row max |W·s| (out_features,) to the rows'
+            maximum over the whole layer (LinearShard.row_max), so that the scales are the
+            whole layer's.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -128,14 +151,25 @@ class Int8Linear(nn.Module):
             s = smooth_scale.detach().to(device=w.device, dtype=torch.float32)
             wf = wf * s[None, :]
             layer.smooth_scale.copy_(s)
+        if row_max is not None:
+            # the rows' maximum over the whole layer, appended as one more column, is the
+            # amax quantize_per_channel takes: the scales and the rounding of every element
+            # are those the whole layer gets
+            amax = row_max(wf.abs().amax(dim=1))
+            wf = torch.cat([wf, amax.to(wf)[:, None]], dim=1)
         w_int8, w_scale = fops.quantize_per_channel(wf, dim=0)
-        layer.weight.copy_(w_int8)
+        layer.weight.copy_(w_int8[:, : linear.in_features])
         layer.weight_scale.copy_(w_scale)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:  # a tensor-parallel shard: local compute, collectives around
+            return self.tp(x, self._forward, self.bias)
+        return self._forward(x, self.bias)
+
+    def _forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"Int8Linear input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -146,12 +180,12 @@ class Int8Linear(nn.Module):
         if self.mode == "w8a8":
             # the division by smooth_scale happens inside the quantization
             y = fops.int8_dynamic_linear(
-                x, self.weight, self.weight_scale, self.bias, smooth_scale=self.smooth_scale
+                x, self.weight, self.weight_scale, bias, smooth_scale=self.smooth_scale
             )
         else:
             if self.smooth_scale is not None:
                 x = x / self.smooth_scale.to(x.dtype)
-            y = fops.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+            y = fops.int8_weight_only_linear(x, self.weight, self.weight_scale, bias)
         if not torch.compiler.is_compiling():
             self.last_backend = backend.last_backend(_OPS[self.mode])
         return y
@@ -190,4 +224,5 @@ class Int8Linear(nn.Module):
                 if self.smooth_scale is not None
                 else ""
             )
+            + (f", tp={self.tp}" if self.tp is not None else "")
         )

@@ -6,6 +6,11 @@ latest forward (not updated under torch.compile, where the op runs outside Pytho
 
     layer = Sparse24Linear.from_linear(linear, method="wanda", act_norm=norms["mlp.up"])
     layer = BlockSparseLinear.from_linear(linear, block_size=(64, 64), density=0.3)
+
+Tensor parallelism: as fastllm.nn.Int8Linear, a layer built for one rank's shard holds
+the shard's compressed weight and in ``tp`` how it is sharded (None when whole);
+row-wise shards all-reduce their partial sums after the epilogue and add the bias once.
+A shard boundary must not cut a 2:4 group or a block (fastllm.optimize checks).
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class Sparse24Linear(nn.Module):
         else:
             self.bias = None
         self.last_backend: str | None = None
+        self.tp = None  # fastllm.distributed.LinearShard of a tensor-parallel shard
 
     @classmethod
     @torch.no_grad()
@@ -97,9 +103,12 @@ class Sparse24Linear(nn.Module):
         act_norm: torch.Tensor | None = None,
         *,
         int8: bool = False,
+        row_max=None,
     ) -> Sparse24Linear:
         """Prunes ``linear.weight`` to 2:4 (fastllm.sparse.prune) and compresses it.
-        int8: quantizes the pruned weight per output channel (symmetric, amax / 127)."""
+        int8: quantizes the pruned weight per output channel (symmetric, amax / 127).
+        row_max: for a shard holding some columns of a layer's rows (tensor parallelism):
+        maps this shard's per-row max |W| to the whole layer's (LinearShard.row_max)."""
         _check_linear(linear)
         w = linear.weight.detach()
         mask = prune(w, "2:4", method, act_norm=act_norm)
@@ -113,7 +122,8 @@ class Sparse24Linear(nn.Module):
         )
         if int8:
             wf = (w * mask).float()
-            scale = wf.abs().amax(dim=1) / 127
+            amax = wf.abs().amax(dim=1)
+            scale = (row_max(amax) if row_max is not None else amax) / 127
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             w = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
             layer.weight_scale.copy_(scale)
@@ -129,14 +139,19 @@ class Sparse24Linear(nn.Module):
         return 0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:  # a tensor-parallel shard: local compute, collectives around
+            return self.tp(x, self._forward, self.bias)
+        return self._forward(x, self.bias)
+
+    def _forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if not self.int8:
-            y = fops.sparse24_linear(x, self.values, self.metadata, self.bias)
+            y = fops.sparse24_linear(x, self.values, self.metadata, bias)
         else:
             xq, xs = fops.quantize_per_token(x)
             acc = fops.sparse24_linear(xq, self.values, self.metadata)
             y = acc.float() * xs[..., None] * self.weight_scale
-            if self.bias is not None:
-                y = y + self.bias.float()
+            if bias is not None:
+                y = y + bias.float()
             y = y.to(x.dtype)
         if not _compiling():
             self.last_backend = backend.last_backend("sparse24_linear")
@@ -147,6 +162,7 @@ class Sparse24Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, pattern=2:4, density=0.5"
             + (", int8=True" if self.int8 else "")
+            + (f", tp={self.tp}" if self.tp is not None else "")
         )
 
 
@@ -187,6 +203,7 @@ class BlockSparseLinear(nn.Module):
         else:
             self.bias = None
         self.last_backend: str | None = None
+        self.tp = None  # fastllm.distributed.LinearShard of a tensor-parallel shard
 
     @classmethod
     @torch.no_grad()
@@ -197,14 +214,27 @@ class BlockSparseLinear(nn.Module):
         density: float = 0.5,
         method: str = "magnitude",
         act_norm: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
     ) -> BlockSparseLinear:
         """Keeps the ``density`` fraction of ``block_size`` tiles of ``linear.weight``
-        with the highest scores (fastllm.sparse.prune, pattern="block")."""
+        with the highest scores (fastllm.sparse.prune, pattern="block").
+
+        mask: bool (out_features, in_features), constant on each tile: the tiles to keep,
+        chosen elsewhere (a tensor-parallel shard keeps its part of the whole layer's
+        choice); method, density and act_norm are then not used."""
         _check_linear(linear)
         w = linear.weight.detach()
-        mask = prune(
-            w, "block", method, block_size=tuple(block_size), density=density, act_norm=act_norm
-        )
+        if mask is None:
+            mask = prune(
+                w, "block", method, block_size=tuple(block_size), density=density,
+                act_norm=act_norm,
+            )  # fmt: skip
+        elif tuple(mask.shape) != tuple(w.shape) or mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype}; expected bool "
+                f"{tuple(w.shape)}, the weight's shape"
+            )
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -261,7 +291,12 @@ class BlockSparseLinear(nn.Module):
         check_block_sparse(self.weight_bsr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fops.block_sparse_linear(x, self.weight_bsr, self.bias)
+        if self.tp is not None:  # a tensor-parallel shard: local compute, collectives around
+            return self.tp(x, self._forward, self.bias)
+        return self._forward(x, self.bias)
+
+    def _forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = fops.block_sparse_linear(x, self.weight_bsr, bias)
         if not _compiling():
             self.last_backend = backend.last_backend("block_sparse_linear")
         return y
@@ -271,4 +306,5 @@ class BlockSparseLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, pattern=block {bn}x{bk}, density={self.density:.3g}"
+            + (f", tp={self.tp}" if self.tp is not None else "")
         )

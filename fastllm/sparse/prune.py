@@ -86,19 +86,46 @@ def prune(
         mask.scatter_(2, order, True)
         return mask.view(N, K)
 
+    _check_density(density)
+    block_size = tuple(block_size) if isinstance(block_size, list) else block_size
+    tiles = tile_scores(weight, method, block_size=block_size, act_norm=act_norm)
+    return expand_tiles(keep_tiles(tiles, density), check_block_size((N, K), block_size))
+
+
+def _check_density(density) -> None:
     if isinstance(density, bool) or not isinstance(density, int | float) or not 0 < density <= 1:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-    bn, bk = check_block_size(
-        (N, K), tuple(block_size) if isinstance(block_size, list) else block_size
-    )
+
+
+def tile_scores(
+    weight: torch.Tensor, method: str = "magnitude", *, block_size=(64, 64), act_norm=None
+) -> torch.Tensor:
+    """float32 (N/bn, K/bk): the score of each (bn, bk) tile of ``weight`` (N, K), the sum
+    of its weights' scores. A tile's score depends only on its own weights, so a shard of
+    the weight (whole tiles) gives its part of the whole weight's tile scores."""
+    N, K = weight.shape
+    bn, bk = check_block_size((N, K), tuple(block_size))
     score = _scores(weight, method, act_norm)
-    tiles = score.reshape(N // bn, bn, K // bk, bk).sum(dim=(1, 3)).flatten()
-    keep = max(1, round(density * tiles.numel()))
-    order = tiles.sort(descending=True, stable=True).indices[:keep]
-    tile_mask = torch.zeros(tiles.numel(), dtype=torch.bool, device=weight.device)
-    tile_mask[order] = True
-    tile_mask = tile_mask.view(N // bn, 1, K // bk, 1).expand(N // bn, bn, K // bk, bk)
-    return tile_mask.reshape(N, K)
+    return score.reshape(N // bn, bn, K // bk, bk).sum(dim=(1, 3))
+
+
+def keep_tiles(tiles: torch.Tensor, density: float) -> torch.Tensor:
+    """bool, the shape of ``tiles``: the ``round(density * tiles)`` (at least 1)
+    highest-scoring tiles of the whole matrix, ties to the earlier tile in row-major order."""
+    _check_density(density)
+    flat = tiles.flatten()
+    keep = max(1, round(density * flat.numel()))
+    order = flat.sort(descending=True, stable=True).indices[:keep]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=tiles.device)
+    mask[order] = True
+    return mask.view(tiles.shape)
+
+
+def expand_tiles(tile_mask: torch.Tensor, block_size) -> torch.Tensor:
+    """The element mask (N, K) of a tile mask (N/bn, K/bk)."""
+    bn, bk = block_size
+    R, C = tile_mask.shape
+    return tile_mask.view(R, 1, C, 1).expand(R, bn, C, bk).reshape(R * bn, C * bk)
 
 
 def calibrate(model: nn.Module, batches: Iterable, *, filter_fn=None) -> dict[str, torch.Tensor]:
