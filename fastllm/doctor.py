@@ -22,6 +22,39 @@ def _cuda_version(v: int) -> str:
     return f"{v // 1000}.{v % 1000 // 10}" if v else "none"
 
 
+def _transformers_line() -> str:
+    """transformers' version, and whether fastllm's quantizer is in its registry (what
+    from_pretrained of a fastllm checkpoint and `fastllm serve` need)."""
+    try:
+        import transformers
+        from transformers.quantizers import auto  # registers fastllm's quantizer (on import)
+    except ImportError as e:
+        return f"not installed ({e}): the Hugging Face integration is off"
+    from fastllm import hf_quantizer
+
+    if hf_quantizer.registration_error is not None:
+        state = f"fastllm quantizer NOT registered: {hf_quantizer.registration_error}"
+    elif hf_quantizer.NAME in auto.AUTO_QUANTIZER_MAPPING:
+        state = f'fastllm quantizer registered ("quant_method": "{hf_quantizer.NAME}")'
+    else:
+        state = "fastllm quantizer not registered (transformers loaded before fastllm?)"
+    return f"{transformers.__version__}; {state}"
+
+
+def _distributed_line() -> str:
+    """The process-group backends tensor parallelism can use here."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "torch.distributed not available in this PyTorch build: no tensor parallelism"
+    have = [
+        name
+        for name, ok in (("nccl", dist.is_nccl_available()), ("gloo", dist.is_gloo_available()))
+        if ok
+    ]
+    return f"torch.distributed with {', '.join(have) or 'no'} backend(s) (tensor parallelism)"
+
+
 def report() -> list[str]:
     lines = [
         f"fastllm      {importlib.import_module('fastllm').__version__}",
@@ -59,6 +92,8 @@ def report() -> list[str]:
         lines.append(f"cpu kernels  C++ in fastllm._C, {threads}")
     else:
         lines.append(f"cpu kernels  not available: {cpu_reason}")
+    lines.append(f"transformers {_transformers_line()}")
+    lines.append(f"distributed  {_distributed_line()}")
     forced = backend.forced_backend()
     lines.append(
         f"forced       {forced or 'no (FASTLLM_BACKEND unset): first backend that supports a call'}"

@@ -30,3 +30,14 @@ def test_cli_runs():
     )
     assert out.returncode == 0, out.stderr
     assert "backends for" in out.stdout
+
+
+def test_doctor_says_whether_transformers_knows_fastllm():
+    text = "\n".join(doctor.report())
+    try:
+        import transformers
+    except ImportError:
+        assert "transformers not installed" in text
+        return
+    assert f"transformers {transformers.__version__}; fastllm quantizer registered" in text
+    assert "distributed  torch.distributed with" in text
