@@ -27,13 +27,26 @@ skips the search: a forced backend that cannot serve a call raises
 Every choice is recorded: `last_backend(op)` gives the latest one for an op, and
 `with fastllm.backend.trace() as calls:` collects `(op, backend)` pairs.
 
+The choice is cached per call signature (`signature`: each tensor's dtype, device, shape
+and strides, and its address modulo 16 on a GPU; each scalar's type and value), with
+everything else it depends on in the key: the op, the device, the forced backend,
+TRITON_INTERPRET when triton is forced, `UNVERIFIED`, `unavailable_reason` and the
+registry (`register` starts a new generation). So `supports` and `prefer` must read
+nothing but that: metadata and scalars, never tensor values, and otherwise only what is
+fixed for the life of the process (what the machine has, module constants). Whoever
+changes such a thing afterwards (a test patching a threshold) calls `clear_cache()`.
+Only successful choices are cached: a call no backend can serve is worked out (and its
+error written) again every time. The cache is bounded (`CACHE_SIZE` entries, emptied
+when full) and shared by all threads; what it records per call is per context, as below.
+
 Threads. Forcing, `last_backend` and `trace` belong to the current context
 (`contextvars`), not to the process: a thread sees only its own calls and forcing (a new
 thread starts with nothing forced and nothing recorded; an asyncio task, or a thread run
 through `contextvars.copy_context().run` or `asyncio.to_thread`, starts from a copy of its
 parent's context, so a trace open in the parent also collects the child's calls).
-FASTLLM_BACKEND is process-wide. Dispatch itself keeps no mutable state between calls:
-the registry is filled when the ops are imported and only read afterwards. Two lazy
+FASTLLM_BACKEND is process-wide. The only mutable state dispatch shares between calls is
+the choice cache (above), keyed on the forced backend, so that one context's forcing
+never decides another's call; the registry is filled when the ops are imported and only read afterwards. Two lazy
 initialisations are guarded here: the first probe of fastllm._C (loading it is not atomic
 in fastllm.native: a thread that probed while another was loading it saw neither the
 module nor an error) and every call of a triton implementation (see `_serialized`).
@@ -101,13 +114,15 @@ def register(
     prefer: Callable[..., str | None] = _always,
 ):
     """Decorator: `fn` implements `op` on `backend` for the inputs `supports` accepts;
-    the automatic choice also skips it where `prefer` gives a reason."""
+    the automatic choice also skips it where `prefer` gives a reason. Both take the op's
+    arguments and read only their metadata and scalars (the choice is cached on those)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     def wrap(fn: Callable) -> Callable:
         impl = _serialized(fn) if backend == "triton" else fn
         _REGISTRY.setdefault(op, {})[backend] = Impl(impl, supports, prefer)
+        clear_cache()
         return fn
 
     return wrap
@@ -259,38 +274,127 @@ def why_not(op: str, backend: str, device: torch.device, *args, **kwargs) -> str
     return reason
 
 
-def select(op: str, device: torch.device, *args, **kwargs) -> str:
-    """The backend that serves this call of `op` (recorded for `last_backend`/`trace`)."""
-    forced = forced_backend()
-    if forced is not None:
-        reason = why_not(op, forced, device, *args, **kwargs)
-        if reason is not None:
-            raise BackendError(
-                f"fastllm.ops.{op}: backend {forced!r} is forced but cannot serve this call: {reason}"
-            )
-        chosen = forced
-    else:
-        order = _GPU_ORDER if device.type == "cuda" else _CPU_ORDER
-        reasons = {}
-        for name in order:
-            if name in UNVERIFIED:
-                reasons[name] = f"{UNVERIFIED[name]} (force it with FASTLLM_BACKEND={name})"
-                continue
-            reasons[name] = why_not(op, name, device, *args, **kwargs)
-            if reasons[name] is None:
-                reasons[name] = _REGISTRY[op][name].prefer(*args, **kwargs)
-            if reasons[name] is None:
-                chosen = name
-                break
+# The choices made so far: key (see `select`) -> backend name. Read and written without a
+# lock: a dict's get and set are atomic, two threads that miss at once both work the
+# choice out (the same answer), and emptying it when full only costs later misses.
+CACHE_SIZE = 4096
+_choices: dict[tuple, str] = {}
+_generation = 0  # part of every key: a new one forgets every cached choice
+
+
+def clear_cache() -> None:
+    """Forget every cached backend choice (after changing what `supports`/`prefer` or
+    `unavailable_reason` read)."""
+    global _generation
+    _generation += 1
+    _choices.clear()
+
+
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+_SCALARS = frozenset({int, float, bool, str, torch.dtype, torch.device})
+_STRIDED = torch.strided
+
+
+def signature(args) -> tuple | None:
+    """A hashable description of `args` that decides every check of shapes, dtypes,
+    devices and strides and every backend's `supports`/`prefer`: for a tensor its dtype,
+    device, shape and strides (on CUDA also its address modulo 16, for the kernels'
+    alignment rules), for a scalar its type and value (True and 1 differ), for a tuple or
+    list the same of each element, None as None. Tensor values are never part of it.
+
+    None when an argument has no such description (a tensor subclass such as a FakeTensor
+    or DTensor, a sparse or nested tensor, another object): such calls are checked and dispatched
+    without a cache. The flat layout is unambiguous: a tensor starts with a dtype
+    instance, a scalar with its class."""
+    key = []
+    add = key.append
+    for a in args:
+        cls = a.__class__
+        if cls in _PLAIN_TENSORS:
+            if a.layout is not _STRIDED or a.is_nested:  # sparse, mkldnn, nested
+                return None
+            add(a.dtype)
+            add(a.device)
+            add(a.shape)
+            add(a.stride())
+            if a.is_cuda:
+                add(a.data_ptr() % 16)
+        elif a is None:
+            add(None)
+        elif cls in _SCALARS:
+            add(cls)
+            add(a)
+        elif cls is tuple or cls is list:
+            inner = signature(a)
+            if inner is None:
+                return None
+            add(cls)
+            add(inner)
         else:
-            detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
-            raise BackendError(f"fastllm.ops.{op}: no backend can serve this call ({detail})")
+            return None
+    return tuple(key)
+
+
+def select(op: str, device: torch.device, *args, **kwargs) -> str:
+    """The backend that serves this call of `op` (recorded for `last_backend`/`trace`).
+    Cached per call signature (module docstring); a cached choice is the one `choose`
+    would make, and is recorded the same way."""
+    forced = forced_backend()
+    chosen = key = None
+    if not kwargs:
+        sig = signature(args)
+        if sig is not None:
+            key = (
+                op,
+                device,
+                forced,
+                _generation,
+                unavailable_reason,
+                # what else the answer depends on: the interpreter only for a forced triton
+                # (auto order never tries triton on CPU tensors), UNVERIFIED only unforced
+                os.environ.get("TRITON_INTERPRET") if forced == "triton" else None,
+                tuple(UNVERIFIED) if forced is None else None,
+                sig,
+            )
+            chosen = _choices.get(key)
+    if chosen is None:
+        chosen = choose(op, device, forced, *args, **kwargs)
+        if key is not None:
+            if len(_choices) >= CACHE_SIZE:
+                _choices.clear()
+            _choices[key] = chosen
     last = _last.get()
     if last.get(op) != chosen:
         _last.set({**last, op: chosen})
     for calls in _traces.get():
         calls.append((op, chosen))
     return chosen
+
+
+def choose(op: str, device: torch.device, forced: str | None, *args, **kwargs) -> str:
+    """The backend for this call of `op`, worked out (uncached, unrecorded): `forced` or
+    the first in the device's order that is available, supports the inputs and is not
+    set aside by `prefer`. Raises BackendError when none can serve the call."""
+    if forced is not None:
+        reason = why_not(op, forced, device, *args, **kwargs)
+        if reason is not None:
+            raise BackendError(
+                f"fastllm.ops.{op}: backend {forced!r} is forced but cannot serve this call: {reason}"
+            )
+        return forced
+    order = _GPU_ORDER if device.type == "cuda" else _CPU_ORDER
+    reasons = {}
+    for name in order:
+        if name in UNVERIFIED:
+            reasons[name] = f"{UNVERIFIED[name]} (force it with FASTLLM_BACKEND={name})"
+            continue
+        reasons[name] = why_not(op, name, device, *args, **kwargs)
+        if reasons[name] is None:
+            reasons[name] = _REGISTRY[op][name].prefer(*args, **kwargs)
+        if reasons[name] is None:
+            return name
+    detail = "; ".join(f"{b}: {r}" for b, r in reasons.items())
+    raise BackendError(f"fastllm.ops.{op}: no backend can serve this call ({detail})")
 
 
 def last_backend(op: str) -> str | None:

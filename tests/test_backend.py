@@ -186,3 +186,135 @@ def test_triton_implementations_run_under_one_lock():
     finally:
         backend._REGISTRY.pop("_test_lock_op")
     assert seen == [True, False]
+
+
+# --- the choice cached per call signature --------------------------------------------------
+
+
+@pytest.fixture
+def counted_op(monkeypatch):
+    """A test op with cpu and torch implementations; the cpu one supports float32 only.
+    Yields the list of (backend, dtype, device type) that `supports`/`prefer` were asked
+    about: a cached choice asks nothing."""
+    monkeypatch.setattr(backend, "unavailable_reason", lambda name, device=None: None)
+    asked = []
+
+    def supports(x):
+        asked.append(("supports", x.dtype, x.device.type))
+        return None if x.dtype == torch.float32 else f"cpu takes float32, got {x.dtype}"
+
+    def prefer(x):
+        asked.append(("prefer", x.dtype, x.device.type))
+        return None
+
+    backend.register("_test_cached_op", "cpu", supports=supports, prefer=prefer)(lambda x: x)
+    backend.register("_test_cached_op", "torch")(lambda x: x)
+    backend.register("_test_cached_op", "reference")(lambda x: x)
+    yield asked
+    backend._REGISTRY.pop("_test_cached_op")
+    backend.clear_cache()
+
+
+def test_choice_is_worked_out_once_per_signature(counted_op):
+    cpu = torch.device("cpu")
+    for _ in range(3):
+        assert backend.select("_test_cached_op", cpu, torch.randn(2, 8)) == "cpu"
+    assert len(counted_op) == 2  # supports and prefer, on the first call only
+    # every call is still recorded
+    with backend.trace() as calls:
+        backend.select("_test_cached_op", cpu, torch.randn(2, 8))
+        backend.select("_test_cached_op", cpu, torch.randn(2, 8))
+    assert calls == [("_test_cached_op", "cpu")] * 2
+    assert backend.last_backend("_test_cached_op") == "cpu"
+
+
+def test_cached_choice_follows_dtype_shape_strides_and_device(counted_op):
+    cpu = torch.device("cpu")
+    assert backend.select("_test_cached_op", cpu, torch.randn(2, 8)) == "cpu"
+    assert backend.select("_test_cached_op", cpu, torch.randn(2, 8).half()) == "torch"
+    assert backend.select("_test_cached_op", cpu, torch.randn(2, 8)) == "cpu"
+    n = len(counted_op)
+    backend.select("_test_cached_op", cpu, torch.randn(3, 8))  # new shape: asked again
+    backend.select("_test_cached_op", cpu, torch.randn(8, 2).t())  # same shape, new strides
+    assert len(counted_op) == n + 4
+    # another device: worked out again, never the CPU tensors' answer
+    meta = torch.device("meta")
+    backend.select("_test_cached_op", meta, torch.empty(2, 8, device="meta"))
+    assert counted_op[-2:] == [
+        ("supports", torch.float32, "meta"),
+        ("prefer", torch.float32, "meta"),
+    ]
+
+
+def test_cached_choice_follows_the_forced_backend(counted_op, monkeypatch):
+    cpu = torch.device("cpu")
+    x = torch.randn(2, 8)
+    assert backend.select("_test_cached_op", cpu, x) == "cpu"
+    with fastllm.use_backend("torch"):
+        assert backend.select("_test_cached_op", cpu, x) == "torch"
+    monkeypatch.setenv("FASTLLM_BACKEND", "reference")
+    assert backend.select("_test_cached_op", cpu, x) == "reference"
+    monkeypatch.delenv("FASTLLM_BACKEND")
+    assert backend.select("_test_cached_op", cpu, x) == "cpu"
+    # a forced backend that cannot serve the call raises every time, with its reason
+    for _ in range(2):
+        with (
+            fastllm.use_backend("cpu"),
+            pytest.raises(backend.BackendError, match="cpu takes float32"),
+        ):
+            backend.select("_test_cached_op", cpu, x.half())
+
+
+def test_cached_choice_follows_availability_and_the_registry(counted_op, monkeypatch):
+    cpu = torch.device("cpu")
+    x = torch.randn(2, 8)
+    assert backend.select("_test_cached_op", cpu, x) == "cpu"
+    monkeypatch.setattr(
+        backend, "unavailable_reason", lambda name, device=None: "gone" if name == "cpu" else None
+    )
+    assert backend.select("_test_cached_op", cpu, x) == "torch"
+    monkeypatch.setattr(backend, "unavailable_reason", lambda name, device=None: None)
+    assert backend.select("_test_cached_op", cpu, x) == "cpu"
+    monkeypatch.setitem(backend.UNVERIFIED, "cpu", "not verified (test)")
+    assert backend.select("_test_cached_op", cpu, x) == "torch"
+    monkeypatch.delitem(backend.UNVERIFIED, "cpu")
+    # a new registration starts a new generation: the new cpu implementation rejects all
+    backend.register("_test_cached_op", "cpu", supports=lambda x: "rejects all")(lambda x: x)
+    assert backend.select("_test_cached_op", cpu, x) == "torch"
+
+
+def test_scalars_key_by_type_and_value(counted_op):
+    calls = []
+    backend.register("_test_cached_op", "cpu", supports=lambda x, flag: calls.append(flag) or None)(
+        lambda x, flag: x
+    )
+    cpu, x = torch.device("cpu"), torch.randn(2)
+    for flag in (1, True, 1.0, 1, True):
+        backend.select("_test_cached_op", cpu, x, flag)
+    assert [type(f) for f in calls] == [int, bool, float]  # 1 == True == 1.0, yet 3 keys
+
+
+def test_signature():
+    x = torch.randn(4, 6)
+    assert backend.signature((x, None, 3)) == backend.signature((torch.randn(4, 6), None, 3))
+    assert backend.signature((x,)) != backend.signature((x.t().contiguous().t(),))
+    assert backend.signature((1,)) != backend.signature((True,))
+    assert backend.signature(((1, 0),)) != backend.signature(((True, 0),))
+    assert backend.signature(((1, 0),)) != backend.signature(([1, 0],))
+    # no description: tensor subclasses, sparse tensors, other objects
+    assert backend.signature((torch.randn(3).to_sparse(),)) is None
+    assert backend.signature((object(),)) is None
+    assert backend.signature(([object()],)) is None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert backend.signature((torch.empty(3),)) is None
+
+
+def test_choice_cache_is_bounded(counted_op, monkeypatch):
+    monkeypatch.setattr(backend, "CACHE_SIZE", 8)
+    cpu = torch.device("cpu")
+    for n in range(1, 30):
+        assert backend.select("_test_cached_op", cpu, torch.randn(n)) == "cpu"
+        assert len(backend._choices) <= 8
+    assert backend.select("_test_cached_op", cpu, torch.randn(3).half()) == "torch"

@@ -36,7 +36,7 @@ def available_reason() -> str | None:
 def device_reason(*tensors: torch.Tensor | None) -> str | None:
     """None when these tensors are all in host memory."""
     for t in tensors:
-        if t is not None and t.device.type != "cpu":
+        if t is not None and not t.is_cpu:
             return f"the cpu backend takes CPU tensors, got {t.device}"
     return None
 
@@ -47,7 +47,7 @@ def quantize_per_token(
     """x: [M, K] CPU, float32/float16/bfloat16, any strides -> (int8 [M, K], float32 [M]),
     of x.float() / smooth_scale (float32 [K] contiguous) when that is given. The kernel
     reads rows at x.stride(0) and elements at unit stride: other layouts are copied."""
-    if x.device.type != "cpu" or x.dim() != 2:
+    if not x.is_cpu or x.dim() != 2:
         raise ValueError(f"x must be a 2-D CPU tensor, got shape {tuple(x.shape)} on {x.device}")
     rows, cols = x.shape
     if cols > 1 and x.stride(1) != 1:  # a dimension of size 1 has no stride to honour

@@ -52,7 +52,7 @@ def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]
     """The tensors as every backend of the sparse and int8 ops reads them: contiguous
     (None stays None; a tensor that already is comes back as it is). The registered ops
     apply it, so that a direct torch.ops.fastllm call reads views like the public functions."""
-    return tuple(t.contiguous() if t is not None else None for t in tensors)
+    return tuple([None if t is None else t.contiguous() for t in tensors])
 
 
 # The int8 GEMMs sum K products of int8 values in an int32 accumulator. With values in

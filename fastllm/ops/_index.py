@@ -10,7 +10,9 @@ family and every backend:
   on a GPU: they run when asked for (``validate=True``) or free (CPU tensors), never while
   tracing for torch.compile (`value_checks_wanted`). What runs without them clamps or masks
   by construction: bad values give wrong numbers in their own rows, never an access
-  outside a tensor.
+  outside a tensor. They run on every call (fastllm/ops/_eager.py caches only the checks
+  of metadata); a small CPU tensor is read as a Python list, which costs a microsecond
+  where a few tensor ops would cost ten.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def value_checks_wanted(validate: bool | None, *tensors: torch.Tensor | None) ->
         return False
     if validate:
         return True
-    return all(t is None or t.device.type == "cpu" for t in tensors)
+    return all(t is None or t.is_cpu for t in tensors)
 
 
 def check_index(name: str, t, *, dim: int, length: int | None = None, what: str = "") -> None:
@@ -50,17 +52,32 @@ def kernel_index(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-def seqlens_tensor(name: str, value, batch: int, device: torch.device) -> torch.Tensor:
-    """A per-sequence length argument given as a tensor (batch,) or one int for all."""
+def check_seqlens(name: str, value, batch: int) -> None:
+    """A per-sequence length argument: a tensor (batch,) or one int for all."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return torch.full((batch,), value, dtype=torch.int32, device=device)
+        return
     if not isinstance(value, torch.Tensor):
         raise TypeError(
             f"{name} must be an int32/int64 tensor of shape (batch={batch},) or an int, "
             f"got {type(value).__name__}"
         )
     check_index(name, value, dim=1, length=batch, what=f"(batch={batch},)")
-    return value
+
+
+def seqlens_tensor(name: str, value, batch: int, device: torch.device) -> torch.Tensor:
+    """A per-sequence length argument given as a tensor (batch,) or one int for all."""
+    check_seqlens(name, value, batch)
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.full((batch,), value, dtype=torch.int32, device=device)
+
+
+# Up to this many values, a CPU index tensor is read as a Python list for a value check.
+SMALL_VALUES = 1024
+
+
+def _small_cpu(t: torch.Tensor) -> bool:
+    return t.is_cpu and t.numel() <= SMALL_VALUES
 
 
 def check_cu_seqlens(
@@ -94,20 +111,38 @@ def check_block_ids(
     table: torch.Tensor, first: torch.Tensor, last: torch.Tensor, num_blocks: int
 ) -> None:
     """The block ids of columns first[b] <= c < last[b] of each row are in [0, num_blocks)."""
-    cols = torch.arange(table.shape[1], device=table.device)[None, :]
-    used = (cols >= first[:, None]) & (cols < last[:, None])
-    bad = used & ((table < 0) | (table >= num_blocks))
-    if bad.any().item():
-        b, c = (int(x) for x in bad.nonzero()[0].tolist())
+    bad_at = None
+    if _small_cpu(table):
+        for b, (row, lo, hi) in enumerate(zip(table.tolist(), first.tolist(), last.tolist())):
+            cols = range(max(lo, 0), min(hi, len(row)))
+            c = next((c for c in cols if not 0 <= row[c] < num_blocks), None)
+            if c is not None:
+                bad_at = b, c
+                break
+    else:
+        cols = torch.arange(table.shape[1], device=table.device)[None, :]
+        used = (cols >= first[:, None]) & (cols < last[:, None])
+        bad = used & ((table < 0) | (table >= num_blocks))
+        if bad.any().item():
+            bad_at = tuple(int(x) for x in bad.nonzero()[0].tolist())
+    if bad_at is not None:
+        b, c = bad_at
         raise ValueError(
             f"block_table[{b}, {c}] = {int(table[b, c])} is not a block id; expected "
             f"0 <= id < num_blocks = {num_blocks}"
         )
 
 
+def first_outside(t: torch.Tensor, low: int, high: int) -> int | None:
+    """The index of the first value of the 1-d t outside [low, high], or None."""
+    if _small_cpu(t):
+        return next((i for i, v in enumerate(t.tolist()) if not low <= v <= high), None)
+    bad = (t < low) | (t > high)
+    return int(bad.nonzero()[0, 0]) if bad.any().item() else None
+
+
 def check_range(name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
     """Every value of the 1-d t in [low, high]; the error names the first one outside."""
-    bad = (t < low) | (t > high)
-    if bad.any().item():
-        i = int(bad.nonzero()[0, 0])
+    i = first_outside(t, low, high)
+    if i is not None:
         raise ValueError(f"{name}[{i}] = {int(t[i])} is outside [{low}, {high}]: expected {what}")

@@ -60,6 +60,7 @@ from fastllm.native import attention as native_attention
 from fastllm.native import cpu as native_cpu
 from fastllm.ops import _index
 from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from fastllm.ops._eager import direct, shape_checks
 from fastllm.reference.attention import visible, weighted_values
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -396,11 +397,26 @@ def _append_triton(*args):
     kv_cache_append(*args)
 
 
-# The public functions call the registered ops through torch.ops: the same op as the
-# custom_op objects below, without their Python wrapper's cost per call (~18 us on a CPU).
+# The public functions call the registered ops through torch.ops (the same op as the
+# custom_op objects below, without their Python wrapper's cost per call, ~18 us on a CPU),
+# or, where `direct` allows it, run the op's body (`_run_*`) themselves.
 _OPS = torch.ops.fastllm
 
 # --- registered ops ----------------------------------------------------------------------------
+
+
+def _run_attention(
+    q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
+):
+    cu_q, cu_k = _index.kernel_index(cu_q), _index.kernel_index(cu_k)
+    args = (q, k, v, causal, scale, window_left, window_right, softcap)
+    args += (cu_q, cu_k, mq, mk, return_lse)
+    name = backend.select("attention", q.device, *args)
+    out, lse = backend.implementation("attention", name)(*args)
+    out = out.contiguous()  # the fake impl promises a contiguous output
+    if lse is None:
+        lse = torch.empty((0,), dtype=torch.float32, device=q.device)
+    return out, lse
 
 
 @torch.library.custom_op("fastllm::attention", mutates_args=())
@@ -419,18 +435,21 @@ def _attention_op(
     max_seqlen_k: int,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cu_seqlens_q, cu_seqlens_k = (
-        _index.kernel_index(cu_seqlens_q),
-        _index.kernel_index(cu_seqlens_k),
+    return _run_attention(
+        q,
+        k,
+        v,
+        causal,
+        scale,
+        window_left,
+        window_right,
+        softcap,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        return_lse,
     )
-    args = (q, k, v, causal, scale, window_left, window_right, softcap)
-    args += (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_lse)
-    name = backend.select("attention", q.device, *args)
-    out, lse = backend.implementation("attention", name)(*args)
-    out = out.contiguous()  # the fake impl promises a contiguous output
-    if lse is None:
-        lse = torch.empty((0,), dtype=torch.float32, device=q.device)
-    return out, lse
 
 
 @_attention_op.register_fake
@@ -444,6 +463,19 @@ def _(q, k, v, causal, scale, wl, wr, softcap, cu_q, cu_k, mq, mk, return_lse):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         lse_shape, dtype=torch.float32
     )
+
+
+def _run_decode_attention(
+    q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, wl, wr, softcap, num_splits
+):
+    cache_seqlens, block_table = (
+        _index.kernel_index(cache_seqlens),
+        _index.kernel_index(block_table),
+    )
+    args = (q, k_cache, v_cache, cache_seqlens, block_table, scale, causal)
+    args += (wl, wr, softcap, num_splits)
+    name = backend.select("decode_attention", q.device, *args)
+    return backend.implementation("decode_attention", name)(*args).contiguous()
 
 
 @torch.library.custom_op("fastllm::decode_attention", mutates_args=())
@@ -460,19 +492,32 @@ def _decode_attention_op(
     softcap: float,
     num_splits: int,
 ) -> torch.Tensor:
-    cache_seqlens, block_table = (
-        _index.kernel_index(cache_seqlens),
-        _index.kernel_index(block_table),
+    return _run_decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        block_table,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        num_splits,
     )
-    args = (q, k_cache, v_cache, cache_seqlens, block_table, scale, causal)
-    args += (window_left, window_right, softcap, num_splits)
-    name = backend.select("decode_attention", q.device, *args)
-    return backend.implementation("decode_attention", name)(*args).contiguous()
 
 
 @_decode_attention_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, wl, wr, softcap, ns):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _run_kv_cache_append(k_new, v_new, k_cache, v_cache, positions, block_table):
+    # positions keep int64 (flat slots of a large cache), read contiguous like the rest
+    positions, block_table = positions.contiguous(), _index.kernel_index(block_table)
+    args = (k_new, v_new, k_cache, v_cache, positions, block_table)
+    name = backend.select("kv_cache_append", k_cache.device, *args)
+    backend.implementation("kv_cache_append", name)(*args)
 
 
 @torch.library.custom_op("fastllm::kv_cache_append", mutates_args=("k_cache", "v_cache"))
@@ -484,16 +529,21 @@ def _kv_cache_append_op(
     positions: torch.Tensor,
     block_table: Optional[torch.Tensor],  # noqa: UP045
 ) -> None:
-    # positions keep int64 (flat slots of a large cache), read contiguous like the rest
-    positions, block_table = positions.contiguous(), _index.kernel_index(block_table)
-    args = (k_new, v_new, k_cache, v_cache, positions, block_table)
-    name = backend.select("kv_cache_append", k_cache.device, *args)
-    backend.implementation("kv_cache_append", name)(*args)
+    _run_kv_cache_append(k_new, v_new, k_cache, v_cache, positions, block_table)
 
 
 @_kv_cache_append_op.register_fake
 def _(k_new, v_new, k_cache, v_cache, positions, block_table):
     return None
+
+
+def _bump_versions(*tensors: torch.Tensor) -> None:
+    """What the dispatcher does for an op that mutates its arguments (a direct call
+    skips it): autograd learns that these tensors changed (kernels write through
+    pointers, which it cannot see). Inference tensors have no version counter."""
+    for t in tensors:
+        if not t.is_inference():
+            torch.autograd.graph.increment_version(t)
 
 
 # --- validation helpers ----------------------------------------------------------------------
@@ -643,6 +693,50 @@ def attention(
     -inf (FlashAttention: +inf), and checked cu_seqlens must end at the packed length
     (FlashAttention lets a padded batch stop short of it).
     """
+    packed, scale, left, right, softcap, batch = _check_attention(
+        q,
+        k,
+        v,
+        causal,
+        scale,
+        window,
+        softcap,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        return_lse,
+    )
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    if packed:
+        synced = False
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
+            synced = True
+        if max_seqlen_k is None:
+            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()) if batch else 0
+            synced = True
+        if _index.value_checks_wanted(True if synced else validate, cu_seqlens_q, cu_seqlens_k):
+            _index.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+            _index.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    else:
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+
+    args = (q, k, v, causal, scale, left, right, softcap, cu_seqlens_q, cu_seqlens_k)
+    args += (max_seqlen_q, max_seqlen_k, return_lse)
+    if direct(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        out, lse = _run_attention(*args)
+    else:
+        out, lse = _OPS.attention(*args)
+    return (out, lse) if return_lse else out
+
+
+@shape_checks
+def _check_attention(
+    q, k, v, causal, scale, window, softcap, cu_seqlens_q, cu_seqlens_k, max_q, max_k, return_lse
+) -> tuple[bool, float, int, int, float, int | None]:
+    """attention's checks of everything but index values -> (packed, scale, window_left,
+    window_right, softcap, batch of a packed call or None)."""
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed and (cu_seqlens_q is None or cu_seqlens_k is None):
         raise ValueError(
@@ -656,8 +750,7 @@ def attention(
     scale = _resolve_scale(scale, q.shape[-1])
     left, right = _resolve_window(window, causal)
     softcap = _resolve_softcap(softcap)
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-
+    batch = None
     if packed:
         _index.check_index("cu_seqlens_q", cu_seqlens_q, dim=1)
         batch = cu_seqlens_q.shape[0] - 1
@@ -671,38 +764,10 @@ def attention(
             what=f"({batch + 1},) like cu_seqlens_q",
         )
         check_same_device(q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-        synced = False
-        for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        for name, val in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
                 raise ValueError(f"{name} must be an int >= 0 or None, got {val!r}")
-        if max_seqlen_q is None:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if batch else 0
-            synced = True
-        if max_seqlen_k is None:
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()) if batch else 0
-            synced = True
-        if _index.value_checks_wanted(True if synced else validate, cu_seqlens_q, cu_seqlens_k):
-            _index.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-            _index.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
-    else:
-        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
-
-    out, lse = _OPS.attention(
-        q,
-        k,
-        v,
-        causal,
-        scale,
-        left,
-        right,
-        softcap,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        return_lse,
-    )
-    return (out, lse) if return_lse else out
+    return packed, scale, left, right, softcap, batch
 
 
 def _check_cache(q, k_cache, v_cache, block_table) -> None:
@@ -799,9 +864,35 @@ def decode_attention(
     FlashAttention's cache_batch_idx, pass block_table=cache_batch_idx[:, None]: a
     contiguous cache is then num rows of one block each.
     """
+    scale, left, right, softcap, num_splits, capacity, what = _check_decode(
+        q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window, softcap, num_splits
+    )
+    if not isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = _index.seqlens_tensor("cache_seqlens", cache_seqlens, q.shape[0], q.device)
+    q = _unit_stride(q)
+    if _index.value_checks_wanted(validate, cache_seqlens, block_table):
+        _index.check_range("cache_seqlens", cache_seqlens, 0, capacity, f"at most {what}")
+        if block_table is not None:
+            page = k_cache.shape[1]
+            needed = (cache_seqlens.long() + page - 1) // page
+            _index.check_block_ids(block_table, torch.zeros_like(needed), needed, k_cache.shape[0])
+    args = (q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, left, right)
+    args += (softcap, num_splits)
+    if direct(q, k_cache, v_cache, cache_seqlens, block_table):
+        return _run_decode_attention(*args)
+    return _OPS.decode_attention(*args)
+
+
+@shape_checks
+def _check_decode(
+    q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, window, softcap, num_splits
+) -> tuple[float, int, int, float, int, int, str]:
+    """decode_attention's checks of everything but index values -> (scale, window_left,
+    window_right, softcap, num_splits, cache capacity, how the capacity is made)."""
     _check_cache(q, k_cache, v_cache, block_table)
-    batch = q.shape[0]
-    cache_seqlens = _index.seqlens_tensor("cache_seqlens", cache_seqlens, batch, q.device)
+    _index.check_seqlens("cache_seqlens", cache_seqlens, q.shape[0])
+    if not isinstance(cache_seqlens, torch.Tensor):  # an int: made on q's device
+        cache_seqlens = None
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
     if block_table is not None:
         check_same_device(q=q, block_table=block_table)
@@ -814,7 +905,6 @@ def decode_attention(
         num_splits = 0
     elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1 or None, got {num_splits!r}")
-    q = _unit_stride(q)
     if block_table is None:
         capacity, what = k_cache.shape[1], f"the cache length {k_cache.shape[1]}"
     else:
@@ -823,25 +913,7 @@ def decode_attention(
             f"the block table's capacity {block_table.shape[1]} blocks x "
             f"{k_cache.shape[1]} = {capacity}"
         )
-    if _index.value_checks_wanted(validate, cache_seqlens, block_table):
-        _index.check_range("cache_seqlens", cache_seqlens, 0, capacity, f"at most {what}")
-        if block_table is not None:
-            page = k_cache.shape[1]
-            needed = (cache_seqlens.long() + page - 1) // page
-            _index.check_block_ids(block_table, torch.zeros_like(needed), needed, k_cache.shape[0])
-    return _OPS.decode_attention(
-        q,
-        k_cache,
-        v_cache,
-        cache_seqlens,
-        block_table,
-        scale,
-        causal,
-        left,
-        right,
-        softcap,
-        num_splits,
-    )
+    return scale, left, right, softcap, num_splits, capacity, what
 
 
 def kv_cache_append(
@@ -880,6 +952,37 @@ def kv_cache_append(
     and its cache_batch_idx is block_table=cache_batch_idx[:, None] on a contiguous cache.
     """
     positions = slot_mapping_or_positions
+    slots, capacity, page = _check_append(k_new, v_new, k_cache, v_cache, positions, block_table)
+    if _index.value_checks_wanted(validate, positions, block_table):
+        n = 1 if slots else k_new.shape[1]
+        low = -1 if slots else 0
+        # positions + n > capacity as positions > capacity - n: no int32 wrap-around
+        i = _index.first_outside(positions, low, capacity - n) if k_new.shape[0] else None
+        if i is not None:
+            what = "slot" if slots else f"start position (+ {n} new tokens)"
+            raise ValueError(
+                f"slot_mapping_or_positions[{i}] = {int(positions[i])}: {what} outside the cache "
+                f"of {capacity} slots; expected {low} <= value"
+                + ("" if slots else f" and value + {n} <= {capacity}")
+            )
+        if block_table is not None and n:
+            first = positions.long() // page
+            last = (positions.long() + n - 1) // page + 1
+            _index.check_block_ids(block_table, first, last, k_cache.shape[0])
+    if k_new.numel() == 0:
+        return
+    args = (_unit_stride(k_new), _unit_stride(v_new), k_cache, v_cache, positions, block_table)
+    if direct(*args):
+        _run_kv_cache_append(*args)
+        _bump_versions(k_cache, v_cache)
+    else:
+        _OPS.kv_cache_append(*args)
+
+
+@shape_checks
+def _check_append(k_new, v_new, k_cache, v_cache, positions, block_table) -> tuple[bool, int, int]:
+    """kv_cache_append's checks of everything but index values -> (slot mapping form,
+    capacity in slots, block size)."""
     slots = isinstance(k_new, torch.Tensor) and k_new.dim() == 3
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, t, dtypes=FLOAT_DTYPES, dim=4)
@@ -950,29 +1053,4 @@ def kv_cache_append(
             _index.check_block_table("block_table", block_table, batch)
             check_same_device(k_cache=k_cache, block_table=block_table)
             capacity = block_table.shape[1] * page
-    if _index.value_checks_wanted(validate, positions, block_table):
-        n = 1 if slots else k_new.shape[1]
-        low = -1 if slots else 0
-        bad = (positions < low) | (positions + n > capacity)
-        if k_new.shape[0] and bad.any().item():
-            i = int(bad.nonzero()[0, 0])
-            what = "slot" if slots else f"start position (+ {n} new tokens)"
-            raise ValueError(
-                f"slot_mapping_or_positions[{i}] = {int(positions[i])}: {what} outside the cache "
-                f"of {capacity} slots; expected {low} <= value"
-                + ("" if slots else f" and value + {n} <= {capacity}")
-            )
-        if block_table is not None and n:
-            first = positions.long() // page
-            last = (positions.long() + n - 1) // page + 1
-            _index.check_block_ids(block_table, first, last, k_cache.shape[0])
-    if k_new.numel() == 0:
-        return
-    _OPS.kv_cache_append(
-        _unit_stride(k_new),
-        _unit_stride(v_new),
-        k_cache,
-        v_cache,
-        positions,
-        block_table,
-    )
+    return slots, capacity, page

@@ -73,6 +73,7 @@ from fastllm.ops._checks import (
     contiguous,
     rows_view,
 )
+from fastllm.ops._eager import direct, shape_checks
 from fastllm.ops.quant import _quantize_torch
 
 # --- int8_linear backends -------------------------------------------------------------
@@ -295,6 +296,7 @@ def _check_float_x(x: torch.Tensor, op: str) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
 
 
+@shape_checks
 def _check_int8_linear(x_int8, x_scale, w_int8, w_scale, bias) -> tuple[int, int]:
     check_tensor("x_int8", x_int8, dtypes=(torch.int8,), min_dim=1)
     check_tensor("x_scale", x_scale, dtypes=(torch.float32,))
@@ -309,6 +311,7 @@ def _check_int8_linear(x_int8, x_scale, w_int8, w_scale, bias) -> tuple[int, int
     return N, K
 
 
+@shape_checks
 def _check_dynamic(x, w_int8, w_scale, bias, smooth_scale) -> tuple[int, int]:
     _check_float_x(x, "int8_dynamic_linear")
     N, K = _check_weight("x", x, w_int8, w_scale, bias)
@@ -324,6 +327,7 @@ def _check_dynamic(x, w_int8, w_scale, bias, smooth_scale) -> tuple[int, int]:
     return N, K
 
 
+@shape_checks
 def _check_weight_only(x, w_int8, w_scale, bias) -> tuple[int, int]:
     _check_float_x(x, "int8_weight_only_linear")
     return _check_weight("x", x, w_int8, w_scale, bias)
@@ -337,13 +341,20 @@ def _empty_or_k0(x, N, bias, out_dtype):
     return out.to(out_dtype)
 
 
-# The public functions call the registered ops through torch.ops: the same op as the
-# custom_op objects below, without their Python wrapper's cost per call (~18 us on a CPU).
+# The public functions call the registered ops through torch.ops (the same op as the
+# custom_op objects below, without their Python wrapper's cost per call, ~18 us on a CPU),
+# or, where `direct` allows it, run the op's body (`_run_*`) themselves.
 _OPS = torch.ops.fastllm
 
 # --- registered ops ---------------------------------------------------------------------
 # Each checks its arguments as the public function does (a direct torch.ops.fastllm call
-# included) and hands the backends contiguous tensors.
+# included), then runs its body: contiguous tensors to the chosen backend.
+
+
+def _run_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
+    args = (*contiguous(x_int8, x_scale, w_int8, w_scale, bias), out_dtype)
+    name = backend.select("int8_linear", x_int8.device, *args)
+    return backend.implementation("int8_linear", name)(*args)
 
 
 @torch.library.custom_op("fastllm::int8_linear", mutates_args=())
@@ -357,14 +368,18 @@ def _int8_linear_op(
 ) -> torch.Tensor:
     check_tensor("x_int8", x_int8, dim=2)
     _check_int8_linear(x_int8, x_scale, w_int8, w_scale, bias)
-    args = (*contiguous(x_int8, x_scale, w_int8, w_scale, bias), _out_dtype(out_dtype))
-    name = backend.select("int8_linear", x_int8.device, *args)
-    return backend.implementation("int8_linear", name)(*args)
+    return _run_int8_linear(x_int8, x_scale, w_int8, w_scale, bias, _out_dtype(out_dtype))
 
 
 @_int8_linear_op.register_fake
 def _(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
     return x_int8.new_empty((x_int8.shape[0], w_int8.shape[0]), dtype=out_dtype)
+
+
+def _run_int8_dynamic_linear(x, w_int8, w_scale, bias, smooth_scale):
+    args = contiguous(x, w_int8, w_scale, bias, smooth_scale)
+    name = backend.select("int8_dynamic_linear", x.device, *args)
+    return backend.implementation("int8_dynamic_linear", name)(*args)
 
 
 @torch.library.custom_op("fastllm::int8_dynamic_linear", mutates_args=())
@@ -377,14 +392,18 @@ def _int8_dynamic_linear_op(
 ) -> torch.Tensor:
     check_tensor("x", x, dim=2)
     _check_dynamic(x, w_int8, w_scale, bias, smooth_scale)
-    args = contiguous(x, w_int8, w_scale, bias, smooth_scale)
-    name = backend.select("int8_dynamic_linear", x.device, *args)
-    return backend.implementation("int8_dynamic_linear", name)(*args)
+    return _run_int8_dynamic_linear(x, w_int8, w_scale, bias, smooth_scale)
 
 
 @_int8_dynamic_linear_op.register_fake
 def _(x, w_int8, w_scale, bias, smooth_scale):
     return x.new_empty((x.shape[0], w_int8.shape[0]))
+
+
+def _run_int8_weight_only_linear(x, w_int8, w_scale, bias):
+    args = contiguous(x, w_int8, w_scale, bias)
+    name = backend.select("int8_weight_only_linear", x.device, *args)
+    return backend.implementation("int8_weight_only_linear", name)(*args)
 
 
 @torch.library.custom_op("fastllm::int8_weight_only_linear", mutates_args=())
@@ -393,9 +412,7 @@ def _int8_weight_only_linear_op(
 ) -> torch.Tensor:
     check_tensor("x", x, dim=2)
     _check_weight_only(x, w_int8, w_scale, bias)
-    args = contiguous(x, w_int8, w_scale, bias)
-    name = backend.select("int8_weight_only_linear", x.device, *args)
-    return backend.implementation("int8_weight_only_linear", name)(*args)
+    return _run_int8_weight_only_linear(x, w_int8, w_scale, bias)
 
 
 @_int8_weight_only_linear_op.register_fake
@@ -439,9 +456,12 @@ def int8_linear(
     N, K = _check_int8_linear(x_int8, x_scale, w_int8, w_scale, bias)
     if x_int8.numel() == 0 or N == 0:
         return _empty_or_k0(x_int8, N, bias, dtype)
-    x2 = rows_view(x_int8)
-    out = _OPS.int8_linear(x2, x_scale.reshape(-1), w_int8, w_scale, bias, dtype)
-    return out.view(*x_int8.shape[:-1], N)
+    args = (rows_view(x_int8), x_scale.reshape(-1), w_int8, w_scale, bias)
+    if direct(*args):
+        out = _run_int8_linear(*args, dtype)
+    else:
+        out = _OPS.int8_linear(*args, dtype)
+    return out if x_int8.dim() == 2 else out.view(*x_int8.shape[:-1], N)
 
 
 def int8_dynamic_linear(
@@ -476,8 +496,9 @@ def int8_dynamic_linear(
     N, K = _check_dynamic(x, w_int8, w_scale, bias, smooth_scale)
     if x.numel() == 0 or N == 0:
         return _empty_or_k0(x, N, bias, x.dtype)
-    out = _OPS.int8_dynamic_linear(rows_view(x), w_int8, w_scale, bias, smooth_scale)
-    return out.view(*x.shape[:-1], N)
+    args = (rows_view(x), w_int8, w_scale, bias, smooth_scale)
+    out = _run_int8_dynamic_linear(*args) if direct(*args) else _OPS.int8_dynamic_linear(*args)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], N)
 
 
 def int8_weight_only_linear(
@@ -506,5 +527,9 @@ def int8_weight_only_linear(
     N, K = _check_weight_only(x, w_int8, w_scale, bias)
     if x.numel() == 0 or N == 0:
         return _empty_or_k0(x, N, bias, x.dtype)
-    out = _OPS.int8_weight_only_linear(rows_view(x), w_int8, w_scale, bias)
-    return out.view(*x.shape[:-1], N)
+    args = (rows_view(x), w_int8, w_scale, bias)
+    if direct(*args):
+        out = _run_int8_weight_only_linear(*args)
+    else:
+        out = _OPS.int8_weight_only_linear(*args)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], N)

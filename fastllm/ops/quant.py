@@ -7,6 +7,7 @@ import torch
 from fastllm import backend, reference
 from fastllm.native import cpu as native_cpu
 from fastllm.ops._checks import FLOAT_DTYPES, check_tensor, rows_view
+from fastllm.ops._eager import direct
 
 # --- backends ------------------------------------------------------------------------
 # Each takes x as [M, K] with a unit stride on K (rows_view: any stride when K = 1) and
@@ -57,11 +58,21 @@ def _empty_quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-# The public functions call the registered ops through torch.ops: the same op as the
-# custom_op objects below, without their Python wrapper's cost per call (~18 us on a CPU).
+# The public functions call the registered ops through torch.ops (the same op as the
+# custom_op objects below, without their Python wrapper's cost per call, ~18 us on a CPU),
+# or, where `direct` allows it, run the op's body (`_run_*`) themselves.
 _OPS = torch.ops.fastllm
 
 # --- registered op ---------------------------------------------------------------------
+
+
+def _run_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = rows_view(x)
+    name = backend.select("quantize_per_token", x.device, x2)
+    q, scale = backend.implementation("quantize_per_token", name)(x2)
+    if x.dim() == 2:  # already x's shape (a view costs a microsecond or two)
+        return q, scale
+    return q.view(x.shape), scale.view(x.shape[:-1])
 
 
 @torch.library.custom_op("fastllm::quantize_per_token", mutates_args=())
@@ -70,10 +81,7 @@ def _quantize_per_token_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
     if x.numel() == 0:
         return _empty_quantized(x)
-    x2 = rows_view(x)
-    name = backend.select("quantize_per_token", x.device, x2)
-    q, scale = backend.implementation("quantize_per_token", name)(x2)
-    return q.view(x.shape), scale.view(x.shape[:-1])
+    return _run_quantize_per_token(x)
 
 
 @_quantize_per_token_op.register_fake
@@ -108,7 +116,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_dim=1)
     if x.numel() == 0:
         return _empty_quantized(x)
-    return _OPS.quantize_per_token(x)
+    return _run_quantize_per_token(x) if direct(x) else _OPS.quantize_per_token(x)
 
 
 # --- quantize_per_channel ----------------------------------------------------------------
