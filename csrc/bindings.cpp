@@ -13,6 +13,10 @@
 
 #include "fastllm.h"
 
+namespace fastllm {
+void bind_norm(pybind11::module_& m);  // csrc/norm/bindings.cpp
+}  // namespace fastllm
+
 #ifndef FASTLLM_CUDA_ARCHS
 #define FASTLLM_CUDA_ARCHS ""
 #endif
@@ -56,4 +60,5 @@ PYBIND11_MODULE(_C, m) {
   fastllm::bind_attention(m);
   fastllm::bind_int8(m);
   fastllm::bind_sparse(m);
+  fastllm::bind_norm(m);
 }

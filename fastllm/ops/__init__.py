@@ -6,6 +6,7 @@ Each op is also a `torch.library` custom op in the `fastllm` namespace
 
 from fastllm.ops.attention import attention, decode_attention, kv_cache_append
 from fastllm.ops.int8 import int8_dynamic_linear, int8_linear, int8_weight_only_linear
+from fastllm.ops.norm import layer_norm, rms_norm
 from fastllm.ops.quant import quantize_per_channel, quantize_per_token
 from fastllm.ops.sparse import block_sparse_linear, sparse24_linear
 
@@ -17,7 +18,9 @@ __all__ = [
     "int8_linear",
     "int8_weight_only_linear",
     "kv_cache_append",
+    "layer_norm",
     "quantize_per_channel",
     "quantize_per_token",
+    "rms_norm",
     "sparse24_linear",
 ]

@@ -8,6 +8,7 @@ from fastllm.reference.int8 import (
     int8_matmul_int32,
     int8_weight_only_linear,
 )
+from fastllm.reference.norm import layer_norm, rms_norm
 from fastllm.reference.quant import quantize_per_channel, quantize_per_token
 from fastllm.reference.sparse import block_sparse_linear, sparse24_linear
 
@@ -20,7 +21,9 @@ __all__ = [
     "int8_matmul_int32",
     "int8_weight_only_linear",
     "kv_cache_append",
+    "layer_norm",
     "quantize_per_channel",
     "quantize_per_token",
+    "rms_norm",
     "sparse24_linear",
 ]
