@@ -356,18 +356,7 @@ def flash_attn_varlen_func(
     _refuse_unsupported(dropout_p, alibi_slopes)
     _refuse_backward(q=q, k=k, v=v)
     check_tensor("q", q, dtypes=FLOAT_DTYPES, dim=3)
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        _index.check_index(name, cu, dim=1)
-    batch = cu_seqlens_q.shape[0] - 1
-    if batch < 0:
-        raise ValueError("cu_seqlens_q is empty; expected batch + 1 >= 1 entries")
-    _index.check_index(
-        "cu_seqlens_k",
-        cu_seqlens_k,
-        dim=1,
-        length=batch + 1,
-        what=f"({batch + 1},) like cu_seqlens_q",
-    )
+    batch = _index.check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k)
     max_seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
     causal = bool(causal)

@@ -63,7 +63,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fastllm.optimize_cmd import TOKENIZER_FILES, UsageError
+from fastllm.optimize_cmd import UsageError, model_dir
 
 LINEAR_KINDS = ("w8a8", "w8a16", "2:4", "block", "2:4+w8a8")  # as fastllm.optimize takes them
 # the fields that set the number of new tokens (chat, completions, responses), in the order
@@ -176,19 +176,7 @@ def saved_quantization(path: Path) -> dict | None:
 def check_model_dir(name: str, linear: str | None) -> dict | None:
     """Checks MODEL_DIR (config.json and tokenizer files) and --linear against it; returns
     its saved quantization_config (a fastllm checkpoint's: quant_method "fastllm") or None."""
-    path = Path(name)
-    if not path.is_dir():
-        what = "is not a directory" if path.exists() else "does not exist"
-        raise UsageError(f"MODEL_DIR {name}: {what}; expected a local Hugging Face model directory")
-    if not (path / "config.json").is_file():
-        raise UsageError(
-            f"MODEL_DIR {name}: not a local Hugging Face model directory (it has no config.json)"
-        )
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise UsageError(
-            f"MODEL_DIR {name}: the model has no tokenizer; expected one of "
-            f"{', '.join(TOKENIZER_FILES)} beside config.json"
-        )
+    path = model_dir(name)  # a directory with config.json and a tokenizer, as optimize needs
     quant = saved_quantization(path)
     if quant is not None and linear is not None:
         method = quant.get("quant_method")

@@ -42,6 +42,23 @@ def check_index(name: str, t, *, dim: int, length: int | None = None, what: str 
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {what}")
 
 
+def check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k) -> int:
+    """cu_seqlens_q and cu_seqlens_k: 1-d index tensors of one length, batch + 1 >= 1;
+    returns batch."""
+    check_index("cu_seqlens_q", cu_seqlens_q, dim=1)
+    batch = cu_seqlens_q.shape[0] - 1
+    if batch < 0:
+        raise ValueError("cu_seqlens_q is empty; expected batch + 1 >= 1 entries")
+    check_index(
+        "cu_seqlens_k",
+        cu_seqlens_k,
+        dim=1,
+        length=batch + 1,
+        what=f"({batch + 1},) like cu_seqlens_q",
+    )
+    return batch
+
+
 def kernel_index(t: torch.Tensor | None) -> torch.Tensor | None:
     """t as the kernels read it: contiguous int32. int64 values beyond int32 saturate (to a
     value every backend then treats as out of range) instead of wrapping around."""

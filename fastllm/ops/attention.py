@@ -752,17 +752,7 @@ def _check_attention(
     softcap = _resolve_softcap(softcap)
     batch = None
     if packed:
-        _index.check_index("cu_seqlens_q", cu_seqlens_q, dim=1)
-        batch = cu_seqlens_q.shape[0] - 1
-        if batch < 0:
-            raise ValueError("cu_seqlens_q is empty; expected batch + 1 >= 1 entries")
-        _index.check_index(
-            "cu_seqlens_k",
-            cu_seqlens_k,
-            dim=1,
-            length=batch + 1,
-            what=f"({batch + 1},) like cu_seqlens_q",
-        )
+        batch = _index.check_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k)
         check_same_device(q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
         for name, val in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
