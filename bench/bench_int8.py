@@ -14,6 +14,10 @@ CPU:
   backend (C++ quantization and epilogue around torch._int_mm) and on the torch backend
   (eager PyTorch around it), and in w8a16 at M = 1 on the cpu backend (C++ kernel) and
   the torch backend, against float32 nn.Linear and against torch._int_mm alone.
+Fused epilogues (GPU and CPU, per backend): int8_dynamic_linear with the activation
+(gelu), the residual add, and the gated MLP half (int8_dynamic_gated_linear, silu) with
+and without a quantized output, against the same backend's plain op followed by the
+separate PyTorch ops (F.gelu, + residual, F.silu(g) * u, quantize_per_token).
 """
 
 from __future__ import annotations
@@ -207,6 +211,104 @@ def _cpu(ctx: Context) -> None:
                 )
 
 
+def _fused_cases(ctx: Context):
+    """(label, M, D, I): a Llama MLP's shapes, D = model width, I = intermediate width."""
+    if ctx.gpu:
+        dims = [(4096, 14336)]
+        Ms = (16, 1024) if ctx.quick else (1, 16, 256, 1024, 4096)
+    else:
+        dims = [(1024, 2816)] if ctx.quick else [(2048, 5632)]
+        Ms = (16,) if ctx.quick else (1, 16, 128)
+    return [(M, D, I) for D, I in dims for M in Ms]
+
+
+def _fused_rows(M, D, I, dev, dtype) -> dict:
+    """{case: (unfused, fused)} for one MLP shape."""
+    from fastllm import ops
+
+    x = torch.randn(M, D, device=dev, dtype=dtype)
+    h = torch.randn(M, D, device=dev, dtype=dtype)
+    wgu, sgu = reference.quantize_per_channel(torch.randn(2 * I, D, device=dev) * 0.02)
+    wu, su = wgu[:I].contiguous(), sgu[:I].contiguous()
+    wd, sd = reference.quantize_per_channel(torch.randn(D, I, device=dev) * 0.02)
+    a = torch.randn(M, I, device=dev, dtype=dtype)
+    q = ops.quantize_per_token
+
+    def gelu_unfused(x=x):
+        return F.gelu(ops.int8_dynamic_linear(x, wu, su))
+
+    def residual_unfused(a=a, h=h):
+        return ops.int8_dynamic_linear(a, wd, sd) + h
+
+    def gated_unfused(x=x):
+        y = ops.int8_dynamic_linear(x, wgu, sgu)
+        return F.silu(y[:, :I]) * y[:, I:]
+
+    rows = {
+        f"gelu(x Wu^T) M={M} N={I} K={D}": (
+            gelu_unfused,
+            lambda x=x: ops.int8_dynamic_linear(x, wu, su, activation="gelu"),
+        ),
+        f"a Wd^T + h M={M} N={D} K={I}": (
+            residual_unfused,
+            lambda a=a, h=h: ops.int8_dynamic_linear(a, wd, sd, residual=h),
+        ),
+        f"silu(x Wg^T)*(x Wu^T) M={M} I={I} K={D}": (
+            gated_unfused,
+            lambda x=x: ops.int8_dynamic_gated_linear(x, wgu, sgu),
+        ),
+        f"same, int8 out M={M} I={I} K={D}": (
+            lambda: q(gated_unfused()),
+            lambda x=x: ops.int8_dynamic_gated_linear(x, wgu, sgu, quantize_output=True),
+        ),
+    }
+    return rows
+
+
+def _fused(ctx: Context) -> None:
+    dev = ctx.device
+    dtype = torch.bfloat16 if ctx.gpu else torch.float32
+    names = ("triton", "torch") if ctx.gpu else ("cpu", "torch")
+    for M, D, I in _fused_cases(ctx):
+        rows = _fused_rows(M, D, I, dev, dtype)
+        for case, (unfused, fused) in rows.items():
+            for name in names:
+                with backend.use_backend(name):
+                    try:
+                        ref = unfused()
+                    except backend.BackendError as e:
+                        print(f"  fused {case} [{name}]: {e}")
+                        continue
+                    base = None
+                    for impl, fn in (("unfused", unfused), ("fused epilogue", fused)):
+                        out = fn()
+                        if isinstance(out, tuple):  # compare the dequantized rows
+                            out = out[0].float() * out[1][:, None]
+                            ref_f = ref[0].float() * ref[1][:, None]
+                        else:
+                            ref_f = ref
+                        if not _ok(out, ref_f, tol=3e-2):
+                            print(f"  fused {case} [{name}] {impl}: differs; not timed")
+                            continue
+                        t = measure(fn, dev, quick=ctx.quick)
+                        base = base or t["ms"]
+                        row = ctx.add(
+                            bench="int8",
+                            case=f"fused {case}",
+                            impl=f"{impl} [{name}]",
+                            ms=t["ms"],
+                            metric="ms",
+                            value=t["ms"],
+                            speedup=base / t["ms"],
+                            note=f"baseline: the {name} backend's plain op, then PyTorch ops",
+                        )
+                        print(
+                            f"  {row['case']:<52} {row['impl']:<26} {t['ms']:.3f} ms "
+                            f"{row['speedup']:.2f}x",
+                            flush=True,
+                        )
+
+
 def run(ctx: Context) -> None:
     torch.manual_seed(0)
     if ctx.gpu:
@@ -214,3 +316,4 @@ def run(ctx: Context) -> None:
         _w8a16_gpu(ctx)
     else:
         _cpu(ctx)
+    _fused(ctx)

@@ -20,6 +20,13 @@ adds them up and applies the epilogue.
 
     out[m, n] = cast(sum_k x[m, k] * w_int8[n, k] * w_scale[n] + bias[n], x dtype)
 
+Epilogue options (both W8A8 kernels), in float32 before the cast:
+
+    y = act(acc * x_scale * w_scale + bias)      ACTIVATION: 0 none, 1 gelu, 2 gelu tanh, 3 silu
+    y = act(gate) * up                           GATED: w = [w_gate; w_up] (2N, K); a program
+                                                 holds both accumulators of its N columns
+    y += residual[m, n]                          HAS_RESIDUAL
+
 Layouts: x [M, K] and w [N, K] with unit stride on K; scales float32 contiguous; bias
 [N] contiguous, any float dtype (added in float32). Every load is masked, so M, N and K
 need not be multiples of the tiles.
@@ -57,17 +64,61 @@ def _sm_count(device: torch.device) -> int:
 
 # --- W8A8 ----------------------------------------------------------------------------
 
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+
+@triton.jit
+def _activation(y, ACTIVATION: tl.constexpr):
+    # the formulas of torch.nn.functional.gelu / gelu(approximate="tanh") / silu;
+    # tanh(z) = 2 * sigmoid(2z) - 1 (tl has no tanh in every Triton version)
+    if ACTIVATION == 1:
+        y = y * 0.5 * (1.0 + tl.erf(y * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        z = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = 0.5 * y * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
+    elif ACTIVATION == 3:
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+@triton.jit
+def _epilogue(
+    acc, acc_up, xs, ws_ptr, bias_ptr, res_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n,
+    N, stride_rm, stride_om,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    # scale, bias, activation, gate, residual, cast -- the int32 accumulators are never stored
+    ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = _activation(out, ACTIVATION)
+    if GATED:  # the up columns follow the N gate columns in w, w_scale and bias
+        ws_up = tl.load(ws_ptr + N + offs_n, mask=mask_n, other=0.0)
+        up = acc_up.to(tl.float32) * xs[:, None] * ws_up[None, :]
+        if HAS_BIAS:
+            up += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = out * up
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :]
+        out += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
 
 @triton.jit
 def _int8_w8a8_linear_kernel(
     # pointers
-    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
-    # sizes
-    M, N, K,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes (N: output columns; gated, w has 2N rows, the up rows up_offset elements on)
+    M, N, K, up_offset,
     # strides
-    stride_xm, stride_wn, stride_om,
+    stride_xm, stride_wn, stride_rm, stride_om,
     # meta-parameters
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -91,22 +142,26 @@ def _int8_w8a8_linear_kernel(
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_up = acc
     for k0 in range(0, K, BLOCK_K):
         k_left = K - k0
         a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
         b = tl.load(w_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        if GATED:
+            b_up = tl.load(
+                w_ptrs + up_offset,
+                mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0,
+            )
+            acc_up = tl.dot(a, b_up, acc_up, out_dtype=tl.int32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    # epilogue: scale, bias, cast -- the int32 accumulator is never stored
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
-    ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
-    out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _epilogue(
+        acc, acc_up, xs, ws_ptr, bias_ptr, res_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n,
+        N, stride_rm, stride_om, HAS_BIAS, ACTIVATION, GATED, HAS_RESIDUAL,
+    )
 
 
 def _w8a8_config(M: int, N: int, K: int, big_smem: bool = False) -> dict:
@@ -127,21 +182,27 @@ def _w8a8_config(M: int, N: int, K: int, big_smem: bool = False) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def int8_w8a8_linear(x, x_scale, w, w_scale, bias, out_dtype):
+def int8_w8a8_linear(
+    x, x_scale, w, w_scale, bias, out_dtype, activation=None, gated=False, residual=None
+):
     """x [M, K] int8, x_scale [M] float32, w [N, K] int8, w_scale [N] float32, bias [N] or
-    None; unit stride on K, contiguous scales and bias -> [M, N] out_dtype."""
+    None; unit stride on K, contiguous scales and bias -> [M, N] out_dtype. activation:
+    None, "gelu", "gelu_tanh" or "silu"; gated: w holds [w_gate; w_up] (2N rows) and the
+    output is act(gate) * up, [M, N]; residual: [M, N] with unit stride on N, or None."""
     M, K = x.shape
-    N = w.shape[0]
+    N = w.shape[0] // 2 if gated else w.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if M == 0 or N == 0:
         return out
     cfg = _w8a8_config(M, N, K, big_smem=_capability(x.device) >= (9, 0))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _int8_w8a8_linear_kernel[grid](
-        x, x_scale, w, w_scale, bias if bias is not None else w_scale, out,
-        M, N, K,
-        x.stride(0), w.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None,
+        x, x_scale, w, w_scale, bias if bias is not None else w_scale,
+        residual if residual is not None else out, out,
+        M, N, K, N * w.stride(0),
+        x.stride(0), w.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], GATED=gated,
+        HAS_RESIDUAL=residual is not None,
         **cfg,
     )
     return out
@@ -153,13 +214,14 @@ def int8_w8a8_linear(x, x_scale, w, w_scale, bias, out_dtype):
 @triton.jit
 def _int8_dynamic_linear_kernel(
     # pointers
-    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
-    # sizes
-    M, N, K,
+    x_ptr, w_ptr, ws_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes (N: output columns; gated, w has 2N rows, the up rows up_offset elements on)
+    M, N, K, up_offset,
     # strides
-    stride_xm, stride_wn, stride_om,
+    stride_xm, stride_wn, stride_rm, stride_om,
     # meta-parameters
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Each program quantizes its BLOCK_M rows itself: a first pass over K for the row
@@ -186,39 +248,50 @@ def _int8_dynamic_linear_kernel(
 
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_up = acc
     for k0 in range(0, K, BLOCK_K):
         k_left = K - k0
         mask = mask_m[:, None] & (offs_k[None, :] < k_left)
         x = tl.load(x_rows + k0 + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(rint(tl.math.div_rn(x, xs[:, None])), -127.0), 127.0)
+        q = q.to(tl.int8)
         b = tl.load(w_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0)
-        acc = tl.dot(q.to(tl.int8), b, acc, out_dtype=tl.int32)
+        acc = tl.dot(q, b, acc, out_dtype=tl.int32)
+        if GATED:
+            b_up = tl.load(
+                w_ptrs + up_offset,
+                mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0,
+            )
+            acc_up = tl.dot(q, b_up, acc_up, out_dtype=tl.int32)
         w_ptrs += BLOCK_K
 
-    ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
-    out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _epilogue(
+        acc, acc_up, xs, ws_ptr, bias_ptr, res_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n,
+        N, stride_rm, stride_om, HAS_BIAS, ACTIVATION, GATED, HAS_RESIDUAL,
+    )
 
 
 FUSED_MAX_M = 64  # above this, quantizing once (a separate kernel) is cheaper
 
 
-def int8_dynamic_linear(x, w, w_scale, bias, fused=None):
+def int8_dynamic_linear(
+    x, w, w_scale, bias, fused=None, activation=None, gated=False, residual=None
+):
     """x [M, K] fp32/fp16/bf16, w [N, K] int8, w_scale [N] float32, bias [N] or None;
     unit stride on K -> [M, N] in x's dtype. fused=None: one kernel for M <= FUSED_MAX_M,
-    else quantize_per_token and the W8A8 kernel."""
+    else quantize_per_token and the W8A8 kernel. activation, gated, residual: as for
+    int8_w8a8_linear."""
     M, K = x.shape
-    N = w.shape[0]
+    N = w.shape[0] // 2 if gated else w.shape[0]
     if fused is None:
         fused = M <= FUSED_MAX_M
     if not fused:
         from fastllm.triton_kernels.quant import quantize_per_token
 
         x_int8, x_scale = quantize_per_token(x)
-        return int8_w8a8_linear(x_int8, x_scale, w, w_scale, bias, x.dtype)
+        return int8_w8a8_linear(
+            x_int8, x_scale, w, w_scale, bias, x.dtype, activation, gated, residual
+        )
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
@@ -231,10 +304,12 @@ def int8_dynamic_linear(x, w, w_scale, bias, fused=None):
         bn, bk, warps, stages = 64, 128, 4, 3
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm))
     _int8_dynamic_linear_kernel[grid](
-        x, w, w_scale, bias if bias is not None else w_scale, out,
-        M, N, K,
-        x.stride(0), w.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None,
+        x, w, w_scale, bias if bias is not None else w_scale,
+        residual if residual is not None else out, out,
+        M, N, K, N * w.stride(0),
+        x.stride(0), w.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], GATED=gated,
+        HAS_RESIDUAL=residual is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
     return out

@@ -35,6 +35,16 @@ const char* int8_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale, 
                               uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype,
                               int64_t ld_out, int64_t M, int64_t N, int threads);
 
+// int8_epilogue_cpu.cpp: the epilogue above with, in float32, an activation `act` (0 none,
+// 1 gelu, 2 gelu tanh, 3 silu), the gated form (gated != 0: acc [M, 2N] holds gate
+// columns then up columns; out[m, n] = act(gate) * up) and a residual [M, N] (row stride
+// ld_res, float32/float16/bfloat16, or 0) added last. A float32, non-gated out may be acc.
+const char* int8_fused_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale,
+                                    uintptr_t w_scale, uintptr_t bias, int bias_dtype, int act,
+                                    int gated, uintptr_t residual, int residual_dtype,
+                                    int64_t ld_res, uintptr_t out, int out_dtype, int64_t ld_out,
+                                    int64_t M, int64_t N, int threads);
+
 // w8a16_cpu.cpp (host memory): out[m, n] = cast(w_scale[n] * sum_k x[m, k] * w[n, k] +
 // bias[n]) with x and out float32/float16/bfloat16 (one dtype), any M, N, K; output
 // channels split over `threads` OpenMP threads.

@@ -7,6 +7,18 @@
 // so the two agree bit for bit. For a float32 output, out may be acc's own memory
 // (same address and row stride): each chunk of a row is read before it is written.
 // Rows are split over PyTorch's threads. The reference is fastllm/reference/int8.py.
+//
+// int8_fused_epilogue_cpu adds, in float32 and in this order, an activation, the gated
+// form (the accumulator holds [gate | up] columns: y = act(gate) * up) and a residual:
+//
+//   y[m, n] = act(float(acc[m, n]) * x_scale[m] * w_scale[n] + bias[n])   [* up[m, n]]
+//   out[m, n] = cast(y[m, n] + float(residual[m, n]))
+//
+// The scaling and the residual add are the torch backend's float32 operations; the
+// activations are written as PyTorch states them (gelu: x * 0.5 * (1 + erf(x / sqrt 2)),
+// tanh form, silu: x / (1 + exp(-x))) with the C library's erf/tanh/exp, which may differ
+// from ATen's vectorized polynomials in the last bit or two.
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -32,7 +44,98 @@ FASTLLM_CPU_CLONES void scale_chunk(const int32_t* acc, float xs, const float* w
   }
 }
 
+enum Activation { kNone = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3 };
+
+FASTLLM_CPU_CLONES void activate(float* v, int64_t n, int act) {
+  switch (act) {
+    case kGelu:
+      for (int64_t j = 0; j < n; ++j) v[j] = v[j] * 0.5f * (1.0f + std::erf(v[j] * 0.70710678118654752f));
+      break;
+    case kGeluTanh: {
+      const float beta = 0.79788456080286536f, kappa = 0.044715f;
+      for (int64_t j = 0; j < n; ++j) {
+        const float x = v[j];
+        v[j] = 0.5f * x * (1.0f + std::tanh(beta * (x + kappa * x * x * x)));
+      }
+      break;
+    }
+    case kSilu:
+      for (int64_t j = 0; j < n; ++j) v[j] = v[j] / (1.0f + std::exp(-v[j]));
+      break;
+    default:
+      break;
+  }
+}
+
 }  // namespace
+
+const char* int8_fused_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale,
+                                    uintptr_t w_scale, uintptr_t bias, int bias_dtype, int act,
+                                    int gated, uintptr_t residual, int residual_dtype,
+                                    int64_t ld_res, uintptr_t out, int out_dtype, int64_t ld_out,
+                                    int64_t M, int64_t N, int threads) {
+  const DType odt = static_cast<DType>(out_dtype);
+  const DType bdt = static_cast<DType>(bias_dtype);
+  const DType rdt = static_cast<DType>(residual_dtype);
+  const int64_t cols = gated ? 2 * N : N;  // accumulator columns: [gate | up] when gated
+  if (!cpu::is_float_dtype(odt)) {
+    return "int8_fused_epilogue_cpu: out dtype must be float32, float16 or bfloat16";
+  }
+  if (bias != 0 && !cpu::is_float_dtype(bdt)) {
+    return "int8_fused_epilogue_cpu: bias dtype must be float32, float16 or bfloat16";
+  }
+  if (residual != 0 && (!cpu::is_float_dtype(rdt) || ld_res < N)) {
+    return "int8_fused_epilogue_cpu: residual must be float32/float16/bfloat16, ld_res >= N";
+  }
+  if (act < kNone || act > kSilu) return "int8_fused_epilogue_cpu: unknown activation code";
+  if (M < 0 || N < 0 || ld_acc < cols || ld_out < N) {
+    return "int8_fused_epilogue_cpu: bad sizes (M, N >= 0, ld_acc >= N (2N gated), ld_out >= N)";
+  }
+  if (out == acc && (odt != DType::kFloat32 || gated || ld_out != ld_acc)) {
+    return "int8_fused_epilogue_cpu: only a float32, non-gated output with the accumulator's "
+           "row stride may overwrite it";
+  }
+  const int32_t* a = reinterpret_cast<const int32_t*>(acc);
+  const float* xs = reinterpret_cast<const float*>(x_scale);
+  const float* ws = reinterpret_cast<const float*>(w_scale);
+
+  std::vector<float> bias_f;  // the bias as float32, once per call
+  if (bias != 0) {
+    bias_f.resize(static_cast<size_t>(cols));
+    cpu::load_row(reinterpret_cast<const void*>(bias), bdt, cols, bias_f.data());
+  }
+  const float* b = bias != 0 ? bias_f.data() : nullptr;
+  const size_t res_elem = rdt == DType::kFloat32 ? 4 : 2;
+  const size_t out_elem = odt == DType::kFloat32 ? 4 : 2;
+
+  cpu::for_each_row(M, cols, threads, [&](int64_t m) {
+    const int32_t* a_row = a + m * ld_acc;
+    char* o_row = reinterpret_cast<char*>(out) + static_cast<size_t>(m * ld_out) * out_elem;
+    float v[CHUNK];
+    float u[CHUNK];
+    for (int64_t j0 = 0; j0 < N; j0 += CHUNK) {
+      const int64_t n = N - j0 < CHUNK ? N - j0 : CHUNK;
+      scale_chunk(a_row + j0, xs[m], ws + j0, b ? b + j0 : nullptr, n, v);
+      activate(v, n, act);
+      if (gated) {
+        scale_chunk(a_row + N + j0, xs[m], ws + N + j0, b ? b + N + j0 : nullptr, n, u);
+        for (int64_t j = 0; j < n; ++j) v[j] *= u[j];
+      }
+      if (residual != 0) {
+        const char* r_row = reinterpret_cast<const char*>(residual) +
+                            static_cast<size_t>(m * ld_res + j0) * res_elem;
+        cpu::load_row(r_row, rdt, n, u);
+        for (int64_t j = 0; j < n; ++j) v[j] += u[j];
+      }
+      if (odt == DType::kFloat32) {
+        std::memcpy(o_row + static_cast<size_t>(j0) * 4, v, static_cast<size_t>(n) * 4);
+      } else {
+        cpu::store_row(v, n, odt, o_row + static_cast<size_t>(j0) * 2);
+      }
+    }
+  });
+  return nullptr;
+}
 
 const char* int8_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_scale, uintptr_t w_scale,
                               uintptr_t bias, int bias_dtype, uintptr_t out, int out_dtype,

@@ -33,6 +33,13 @@ K * 127**2: larger K is refused with a ValueError before any work).
                        float32 (a kernel converts the weights in registers: it reads each
                        weight byte once and never writes a dequantized weight)
 
+Epilogue options (``activation``, ``gated``, ``residual``, ``quantize_output``,
+``output_smooth_scale`` of int8_linear, int8_dynamic_linear and int8_dynamic_gated_linear)
+go through one more registered op, ``fastllm::int8_fused_linear`` (backend op
+"int8_fused_linear": reference, torch, cpu, triton; no cuda kernel, so on a GPU triton
+serves it), which returns [y] or [y_int8, y_scale]; a call without options keeps the plain
+op above, unchanged. Its impl is described at its backends below.
+
 The ``cuda`` backend is the launchers of fastllm/native/int8.py, registered below with
 their ``supports_*`` checks. The ``cpu`` backend (fastllm/native/cpu.py) is
 ``torch._int_mm`` between two C++ kernels of fastllm._C: per-token quantization in one
@@ -75,6 +82,7 @@ from fastllm.ops._checks import (
 )
 from fastllm.ops._eager import direct, shape_checks
 from fastllm.ops.quant import _quantize_torch
+from fastllm.reference import int8 as reference_int8
 
 # --- int8_linear backends -------------------------------------------------------------
 
@@ -238,6 +246,104 @@ backend.register(
 )(native_cpu.w8a16_linear)
 
 
+# --- int8_fused_linear backends: the W8A8 ops with epilogue options --------------------
+# impl(x, x_scale, w_int8, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize,
+#      out_smooth) -> (y, None, None), or (None, y_int8, y_scale) when quantize
+#   x [M, K] int8 with x_scale [M] float32 (int8_linear), or float x with x_scale None
+#     (int8_dynamic_linear: quantized per token, of x.float() / smooth when smooth is given)
+#   w_int8 [N, K] ([2N, K] when gated: gate rows, then up rows), w_scale, bias accordingly
+#   act None/"gelu"/"gelu_tanh"/"silu"; residual [M, N] out_dtype or None; out_smooth [N]
+#     float32 or None (only with quantize)
+#   y [M, N] out_dtype = cast(act(acc * x_scale * w_scale + bias) [* up] [+ residual]), in
+#   float32; y_int8 [M, N], y_scale [M] = quantize_per_token(y.float() / out_smooth)
+# Every tensor contiguous, M, N, K >= 1.
+
+ACTIVATIONS = (None, "gelu", "gelu_tanh", "silu")
+
+
+def _activation_torch(y: torch.Tensor, act: str | None) -> torch.Tensor:
+    if act == "gelu":
+        return F.gelu(y)
+    if act == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if act == "silu":
+        return F.silu(y, inplace=True)
+    return y
+
+
+def _finish_torch(y, out_dtype, act, gated, residual, quantize, out_smooth):
+    """The epilogue after scaling and bias, y float32 [M, N or 2N] (consumed)."""
+    if gated:
+        gate, up = y.chunk(2, dim=1)
+        y = _activation_torch(gate.contiguous(), act).mul_(up)
+    else:
+        y = _activation_torch(y, act)
+    if residual is not None:
+        y.add_(residual)  # in float32: the residual is converted exactly
+    out = y.to(out_dtype)
+    if not quantize:
+        return out, None, None
+    q, scale = _quantize_torch(out if out_smooth is None else out.float() / out_smooth)
+    return None, q, scale
+
+
+@backend.register("int8_fused_linear", "reference")
+def _fused_reference(
+    x, x_scale, w, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
+):
+    kw = dict(
+        activation=act,
+        gated=gated,
+        residual=residual,
+        quantize_output=quantize,
+        output_smooth_scale=out_smooth,
+    )
+    if x.dtype == torch.int8:
+        out = reference_int8.int8_linear(x, x_scale, w, w_scale, bias, out_dtype, **kw)
+    else:
+        out = reference_int8.int8_dynamic_linear(x, w, w_scale, bias, smooth, **kw)
+    return (None, *out) if quantize else (out, None, None)
+
+
+@backend.register("int8_fused_linear", "torch")
+def _fused_torch(
+    x, x_scale, w, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
+):
+    if x.dtype != torch.int8:
+        x, x_scale = _quantize_torch(x if smooth is None else x.float() / smooth)
+    y = int8_matmul_int32(x, w).to(torch.float32)
+    y.mul_(x_scale[:, None]).mul_(w_scale)  # the order of _epilogue: bit for bit
+    if bias is not None:
+        y.add_(bias)
+    return _finish_torch(y, out_dtype, act, gated, residual, quantize, out_smooth)
+
+
+@backend.register("int8_fused_linear", "triton")
+def _fused_triton(
+    x, x_scale, w, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
+):
+    from fastllm.triton_kernels.int8 import int8_dynamic_linear, int8_w8a8_linear
+
+    quantize_rows = backend.implementation("quantize_per_token", "triton")
+    if x.dtype == torch.int8:
+        y = int8_w8a8_linear(x, x_scale, w, w_scale, bias, out_dtype, act, gated, residual)
+    elif smooth is not None:  # as _smoothed_in_two_steps: the division first
+        x_int8, x_scale = quantize_rows(x.float() / smooth)
+        y = int8_w8a8_linear(x_int8, x_scale, w, w_scale, bias, x.dtype, act, gated, residual)
+    else:
+        y = int8_dynamic_linear(x, w, w_scale, bias, None, act, gated, residual)
+    if not quantize:
+        return y, None, None
+    # a program holds BLOCK_N columns, not the row's amax: quantized by a second kernel
+    q, scale = quantize_rows(y if out_smooth is None else y.float() / out_smooth)
+    return None, q, scale
+
+
+backend.register(
+    "int8_fused_linear", "cpu", supports=native_cpu.supports_fused, prefer=native_cpu.prefer_fused
+)(native_cpu.fused_linear)
+
+
 # --- checks shared by the public functions and the registered ops -------------------------
 
 _DTYPE_NAMES = {
@@ -333,6 +439,69 @@ def _check_weight_only(x, w_int8, w_scale, bias) -> tuple[int, int]:
     return _check_weight("x", x, w_int8, w_scale, bias)
 
 
+@shape_checks
+def _check_fused(
+    x,
+    x_scale,
+    w_int8,
+    w_scale,
+    bias,
+    smooth_scale,
+    out_dtype,
+    activation,
+    gated,
+    residual,
+    quantize_output,
+    output_smooth_scale,
+) -> tuple[int, int]:
+    """-> (N, K) of the output: N is half of w_int8's rows when gated."""
+    if x_scale is not None:
+        N, K = _check_int8_linear(x, x_scale, w_int8, w_scale, bias)
+    else:
+        N, K = _check_dynamic(x, w_int8, w_scale, bias, smooth_scale)
+    if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation is {activation!r}; expected None, 'gelu', 'gelu_tanh' or 'silu'"
+        )
+    for name, flag in (("gated", gated), ("quantize_output", quantize_output)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if gated:
+        if N % 2:
+            raise ValueError(
+                f"w_gate_up_int8 has {N} rows; expected an even number: the gate rows, then "
+                "the up rows (torch.cat([w_gate, w_up]))"
+            )
+        N //= 2
+    out_shape = (*x.shape[:-1], N)
+    if residual is not None:
+        check_tensor("residual", residual)
+        if residual.dtype != out_dtype:
+            raise TypeError(
+                f"residual has dtype {residual.dtype}; expected the output's dtype {out_dtype}"
+            )
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(
+                f"residual has shape {tuple(residual.shape)}; expected the output's shape "
+                f"{out_shape}"
+            )
+        check_same_device(x=x, residual=residual)
+    if output_smooth_scale is not None:
+        if not quantize_output:
+            raise ValueError(
+                "output_smooth_scale is given but quantize_output is False; expected "
+                "quantize_output=True (the factor divides the output before its quantization)"
+            )
+        check_tensor("output_smooth_scale", output_smooth_scale, dtypes=(torch.float32,))
+        if tuple(output_smooth_scale.shape) != (N,):
+            raise ValueError(
+                f"output_smooth_scale has shape {tuple(output_smooth_scale.shape)}; expected "
+                f"({N},), one factor per output channel"
+            )
+        check_same_device(x=x, output_smooth_scale=output_smooth_scale)
+    return N, K
+
+
 def _empty_or_k0(x, N, bias, out_dtype):
     """The answer when M = 0, N = 0 or K = 0 (no kernel runs): an empty tensor, or bias."""
     out = torch.zeros((*x.shape[:-1], N), dtype=torch.float32, device=x.device)
@@ -420,6 +589,142 @@ def _(x, w_int8, w_scale, bias):
     return x.new_empty((x.shape[0], w_int8.shape[0]))
 
 
+def _run_int8_fused_linear(
+    x, x_scale, w, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
+) -> list[torch.Tensor]:
+    tensors = contiguous(x, x_scale, w, w_scale, bias, smooth, residual, out_smooth)
+    x, x_scale, w, w_scale, bias, smooth, residual, out_smooth = tensors
+    args = (
+        x,
+        x_scale,
+        w,
+        w_scale,
+        bias,
+        smooth,
+        out_dtype,
+        act,
+        gated,
+        residual,
+        quantize,
+        out_smooth,
+    )
+    name = backend.select("int8_fused_linear", x.device, *args)
+    y, q, scale = backend.implementation("int8_fused_linear", name)(*args)
+    return [q, scale] if quantize else [y]
+
+
+@torch.library.custom_op("fastllm::int8_fused_linear", mutates_args=())
+def _int8_fused_linear_op(
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    smooth_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str | None,
+    gated: bool,
+    residual: torch.Tensor | None,
+    quantize_output: bool,
+    output_smooth_scale: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """int8_linear (x int8 with x_scale) or int8_dynamic_linear (float x, x_scale None)
+    with the epilogue options; [y] or [y_int8, y_scale]. M, N, K >= 1, x 2-D."""
+    check_tensor("x", x, dim=2)
+    args = (
+        x,
+        x_scale,
+        w_int8,
+        w_scale,
+        bias,
+        smooth_scale,
+        _out_dtype(out_dtype),
+        activation,
+        gated,
+        residual,
+        quantize_output,
+        output_smooth_scale,
+    )
+    N, K = _check_fused(*args)
+    if x.shape[0] == 0 or N == 0 or K == 0:
+        raise ValueError(
+            f"fastllm::int8_fused_linear takes M, N, K >= 1, got M = {x.shape[0]}, N = {N}, "
+            f"K = {K} (the public functions answer empty inputs)"
+        )
+    return _run_int8_fused_linear(*args)
+
+
+@_int8_fused_linear_op.register_fake
+def _(
+    x,
+    x_scale,
+    w_int8,
+    w_scale,
+    bias,
+    smooth_scale,
+    out_dtype,
+    activation,
+    gated,
+    residual,
+    quantize_output,
+    output_smooth_scale,
+):
+    M = x.shape[0]
+    N = w_int8.shape[0] // 2 if gated else w_int8.shape[0]
+    if quantize_output:
+        return [x.new_empty((M, N), dtype=torch.int8), x.new_empty((M,), dtype=torch.float32)]
+    return [x.new_empty((M, N), dtype=out_dtype)]
+
+
+def _fused(
+    x, x_scale, w, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
+):
+    """The public functions' path when an epilogue option is given: check, answer empty
+    inputs, run the op on 2-D rows, shape the result back."""
+    N, K = _check_fused(
+        x, x_scale, w, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
+    )
+    lead = x.shape[:-1]
+    if x.numel() == 0 or N == 0:
+        # no GEMM runs: the epilogue of a zero accumulator (K = 0) or nothing (M = 0, N = 0)
+        M = lead.numel()
+        y = torch.zeros((M, w.shape[0]), dtype=torch.float32, device=x.device)
+        if bias is not None and y.numel():
+            y += bias.float()
+        r = None if residual is None else residual.reshape(M, N)
+        if quantize and (M == 0 or N == 0):
+            outs = [
+                torch.zeros((M, N), dtype=torch.int8, device=x.device),
+                torch.ones((M,), dtype=torch.float32, device=x.device),
+            ]
+        else:
+            yo, q, scale = _finish_torch(y, out_dtype, act, gated, r, quantize, out_smooth)
+            outs = [q, scale] if quantize else [yo]
+    else:
+        x2 = rows_view(x)
+        xs = None if x_scale is None else x_scale.reshape(-1)
+        r = None if residual is None else rows_view(residual)
+        args = (x2, xs, w, w_scale, bias, smooth, out_dtype, act, gated, r, quantize, out_smooth)
+        if direct(x2, xs, w, w_scale, bias, smooth, r, out_smooth):
+            outs = _run_int8_fused_linear(*args)
+        else:
+            outs = _OPS.int8_fused_linear(*args)
+    if quantize:
+        return outs[0].view(*lead, N), outs[1].view(lead)
+    return outs[0].view(*lead, N)
+
+
+def _plain(activation, gated, residual, quantize_output, output_smooth_scale) -> bool:
+    """Whether no epilogue option is given (the ops' plain path, unchanged)."""
+    return (
+        activation is None
+        and gated is False
+        and residual is None
+        and quantize_output is False
+        and output_smooth_scale is None
+    )
+
+
 # --- public functions -------------------------------------------------------------------
 
 
@@ -430,10 +735,20 @@ def int8_linear(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | str = torch.bfloat16,
-) -> torch.Tensor:
+    *,
+    activation: str | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+    quantize_output: bool = False,
+    output_smooth_scale: torch.Tensor | None = None,
+):
     """W8A8 linear: int8 activations and weights, int32 accumulation, fused epilogue.
 
-        out = (x_int8 @ w_int8.T) * x_scale[..., None] * w_scale + bias
+        y = act((x_int8 @ w_int8.T) * x_scale[..., None] * w_scale + bias)   (float32)
+        y = act(gate) * up                       when gated (w_int8 = [w_gate; w_up])
+        y = y + residual                         when given (in float32)
+        out = y.to(out_dtype)                    or, with quantize_output,
+        out = quantize_per_token(y.to(out_dtype).float() / output_smooth_scale)
 
     Args:
         x_int8: (..., K) int8, any strides (per-token quantized activations).
@@ -442,17 +757,46 @@ def int8_linear(
         w_scale: (N,) float32.
         bias: (N,) float32/float16/bfloat16, or None; added in float32.
         out_dtype: torch.bfloat16 (default), torch.float16 or torch.float32, or its name.
+        activation: None, "gelu" (exact, erf), "gelu_tanh" or "silu", as
+            torch.nn.functional.gelu / gelu(approximate="tanh") / silu compute them.
+        gated: w_int8 (2N, K) holds the gate rows then the up rows (w_scale, bias (2N,)
+            likewise); the output (..., N) is act(gate) * up (Llama's MLP with "silu").
+        residual: (..., N) of out_dtype, or None: added after the activation, in float32
+            (the residual add of the GEMM that ends a block).
+        quantize_output: return the per-token int8 quantization of the output, for the
+            next W8A8 GEMM: bit for bit quantize_per_token(out.float() / output_smooth_scale)
+            of the float output this call would return.
+        output_smooth_scale: (N,) float32, SmoothQuant's factor of the next layer; only
+            with quantize_output.
         Every tensor may be a strided view. K <= 133,144: K * 127**2 must fit the int32
         accumulator (int8 values in [-127, 127], as the quantize_* ops give).
 
     Returns:
-        (..., N) out_dtype. The accumulator is exact int32; scaling and bias are float32.
+        (..., N) out_dtype, or with quantize_output (y_int8 (..., N) int8, y_scale (...)
+        float32). The accumulator is exact int32; the epilogue is float32.
 
-    Raises TypeError for wrong dtypes (float weights, float activations) and non-tensors,
-    ValueError for mismatched K, scales or bias of the wrong shape, a bad out_dtype,
-    tensors on different devices and K > 133,144 (checked before any work).
+    Raises TypeError for wrong dtypes (float weights, float activations, a residual not of
+    out_dtype), non-tensors and non-bool flags; ValueError for mismatched K, scales, bias
+    or residual of the wrong shape, a bad out_dtype or activation, an odd row count when
+    gated, output_smooth_scale without quantize_output, tensors on different devices and
+    K > 133,144 (checked before any work).
     """
     dtype = _out_dtype(out_dtype)
+    if not _plain(activation, gated, residual, quantize_output, output_smooth_scale):
+        return _fused(
+            x_int8,
+            x_scale,
+            w_int8,
+            w_scale,
+            bias,
+            None,
+            dtype,
+            activation,
+            gated,
+            residual,
+            quantize_output,
+            output_smooth_scale,
+        )
     N, K = _check_int8_linear(x_int8, x_scale, w_int8, w_scale, bias)
     if x_int8.numel() == 0 or N == 0:
         return _empty_or_k0(x_int8, N, bias, dtype)
@@ -470,11 +814,17 @@ def int8_dynamic_linear(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     smooth_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+    *,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    quantize_output: bool = False,
+    output_smooth_scale: torch.Tensor | None = None,
+):
     """W8A8 linear with dynamic per-token activation quantization.
 
         x_int8, x_scale = quantize_per_token(x)      # of x.float() / smooth_scale if given
-        out = int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=x.dtype)
+        out = int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=x.dtype,
+                          activation=..., residual=..., quantize_output=..., ...)
 
     Args:
         x: (..., K) float32, float16 or bfloat16, any strides.
@@ -485,20 +835,90 @@ def int8_dynamic_linear(
             quantization (the cpu backend fuses it; the others divide first). Its values
             are not checked here (that would cost a device sync): they must be finite
             and > 0, as fastllm.nn.Int8Linear checks once.
+        activation, residual (of x's dtype), quantize_output, output_smooth_scale: the
+            epilogue options of int8_linear.
         Every tensor may be a strided view. K <= 133,144, as for int8_linear.
 
     Returns:
-        (..., N) in x's dtype.
+        (..., N) in x's dtype, or (y_int8, y_scale) with quantize_output.
 
     Raises TypeError/ValueError as int8_linear does (int8 x is a TypeError; K > 133,144
     a ValueError), and for a smooth_scale that is not float32 of shape (K,) on x's device.
     """
+    if not _plain(activation, False, residual, quantize_output, output_smooth_scale):
+        return _fused(
+            x,
+            None,
+            w_int8,
+            w_scale,
+            bias,
+            smooth_scale,
+            x.dtype,
+            activation,
+            False,
+            residual,
+            quantize_output,
+            output_smooth_scale,
+        )
     N, K = _check_dynamic(x, w_int8, w_scale, bias, smooth_scale)
     if x.numel() == 0 or N == 0:
         return _empty_or_k0(x, N, bias, x.dtype)
     args = (rows_view(x), w_int8, w_scale, bias, smooth_scale)
     out = _run_int8_dynamic_linear(*args) if direct(*args) else _OPS.int8_dynamic_linear(*args)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], N)
+
+
+def int8_dynamic_gated_linear(
+    x: torch.Tensor,
+    w_gate_up_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    smooth_scale: torch.Tensor | None = None,
+    *,
+    activation: str | None = "silu",
+    residual: torch.Tensor | None = None,
+    quantize_output: bool = False,
+    output_smooth_scale: torch.Tensor | None = None,
+):
+    """The gated half of a Llama-type MLP in one W8A8 GEMM over the concatenated weight:
+
+        x_int8, x_scale = quantize_per_token(x)      # of x.float() / smooth_scale if given
+        gate = x_int8 @ w_gate.T * x_scale * w_scale[:I] + bias[:I]          (float32)
+        up   = x_int8 @ w_up.T   * x_scale * w_scale[I:] + bias[I:]
+        out  = (act(gate) * up [+ residual]).to(x.dtype)    or its quantize_per_token
+
+    One GEMM with N = 2I, not two: x is quantized and read once, the cpu backend makes one
+    torch._int_mm call (a wider N keeps its threads busy), and a Triton program loads the
+    gate and up tiles of the same I columns into two accumulators, so act(gate) * up is
+    formed in registers and only the (M, I) result is written.
+
+    Args:
+        x: (..., K) float32, float16 or bfloat16, any strides.
+        w_gate_up_int8: (2I, K) int8 = torch.cat([w_gate, w_up]) quantized per row;
+            w_scale (2I,) float32; bias (2I,) or None.
+        smooth_scale: (K,) float32 or None, as for int8_dynamic_linear.
+        activation: "silu" (default: SwiGLU), "gelu" or "gelu_tanh" (GeGLU), or None.
+        residual, quantize_output, output_smooth_scale ((I,)): as for int8_linear.
+
+    Returns:
+        (..., I) in x's dtype, or (y_int8, y_scale) with quantize_output.
+
+    Raises as int8_dynamic_linear, and ValueError for an odd number of weight rows.
+    """
+    return _fused(
+        x,
+        None,
+        w_gate_up_int8,
+        w_scale,
+        bias,
+        smooth_scale,
+        x.dtype,
+        activation,
+        True,
+        residual,
+        quantize_output,
+        output_smooth_scale,
+    )
 
 
 def int8_weight_only_linear(

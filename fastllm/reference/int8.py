@@ -6,9 +6,17 @@
 
 The integer product is computed exactly (a float64 matmul of int8 values is exact while
 K * 127 * 127 < 2**53, i.e. for any K that fits in memory), the scaling in float64.
+
+The W8A8 ops take epilogue options, applied in this order before the one cast:
+
+    y = act(acc * x_scale * w_scale + bias)                 act: None, gelu, gelu_tanh, silu
+    y = act(gate) * up                                      gated: w = [w_gate; w_up]
+    y = y + residual
+    out = y.to(out_dtype), or quantize_per_token(out.float() / output_smooth_scale)
 """
 
 import torch
+import torch.nn.functional as F
 
 from fastllm.reference.quant import quantize_per_token
 
@@ -25,6 +33,36 @@ def int8_matmul_int32(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tenso
     return acc.to(torch.int32)
 
 
+def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
+    """gelu: y * 0.5 * (1 + erf(y / sqrt 2)); gelu_tanh: gelu(approximate="tanh");
+    silu: y * sigmoid(y); None: y."""
+    if name is None:
+        return y
+    if name == "gelu":
+        return F.gelu(y)
+    if name == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if name == "silu":
+        return F.silu(y)
+    raise ValueError(f"activation is {name!r}; expected None, 'gelu', 'gelu_tanh' or 'silu'")
+
+
+def _finish(y, out_dtype, act, gated, residual, quantize_output, output_smooth_scale):
+    """The epilogue after scaling and bias (module docstring), y in float64."""
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = activation(gate, act) * up
+    else:
+        y = activation(y, act)
+    if residual is not None:
+        y = y + residual.double()
+    out = y.to(out_dtype)
+    if not quantize_output:
+        return out
+    z = out.float() if output_smooth_scale is None else out.float() / output_smooth_scale
+    return quantize_per_token(z)
+
+
 def int8_linear(
     x_int8: torch.Tensor,
     x_scale: torch.Tensor,
@@ -32,14 +70,23 @@ def int8_linear(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
+    *,
+    activation: str | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+    quantize_output: bool = False,
+    output_smooth_scale: torch.Tensor | None = None,
+):
     """x_int8 (..., K) int8, x_scale (...) , w_int8 (N, K) int8, w_scale (N,), bias (N,) or
-    None -> (..., N) out_dtype. Computed in float64, then cast once."""
+    None -> (..., N) out_dtype (N / 2 when gated), or (int8, scale) with quantize_output.
+    Computed in float64, then cast once."""
     acc = torch.matmul(x_int8.double(), w_int8.double().T)
     out = acc * x_scale.double().unsqueeze(-1) * w_scale.double()
     if bias is not None:
         out = out + bias.double()
-    return out.to(out_dtype)
+    return _finish(
+        out, out_dtype, activation, gated, residual, quantize_output, output_smooth_scale
+    )
 
 
 def int8_dynamic_linear(
@@ -48,14 +95,44 @@ def int8_dynamic_linear(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     smooth_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+    **epilogue,
+):
     """x (..., K) float -> (..., N) in x's dtype: per-token quantization of x (of
-    x.float() / smooth_scale when given: SmoothQuant's run-time factor), then int8_linear."""
+    x.float() / smooth_scale when given: SmoothQuant's run-time factor), then int8_linear
+    (with int8_linear's epilogue options)."""
     xs = x
     if smooth_scale is not None:  # in float32 (float64 for float64 x)
         xs = x.to(torch.promote_types(x.dtype, torch.float32)) / smooth_scale
     x_int8, x_scale = quantize_per_token(xs)
-    return int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=x.dtype)
+    return int8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype=x.dtype, **epilogue)
+
+
+def int8_dynamic_gated_linear(
+    x: torch.Tensor,
+    w_gate_up_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    smooth_scale: torch.Tensor | None = None,
+    *,
+    activation: str = "silu",
+    residual: torch.Tensor | None = None,
+    quantize_output: bool = False,
+    output_smooth_scale: torch.Tensor | None = None,
+):
+    """Llama's MLP up half: act(x @ w_gate.T) * (x @ w_up.T), w_gate_up_int8 = [w_gate; w_up]
+    (2I, K) -> (..., I) in x's dtype, or (int8, scale) with quantize_output."""
+    return int8_dynamic_linear(
+        x,
+        w_gate_up_int8,
+        w_scale,
+        bias,
+        smooth_scale,
+        activation=activation,
+        gated=True,
+        residual=residual,
+        quantize_output=quantize_output,
+        output_smooth_scale=output_smooth_scale,
+    )
 
 
 def int8_weight_only_linear(
