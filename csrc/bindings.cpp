@@ -15,6 +15,7 @@
 
 namespace fastllm {
 void bind_norm(pybind11::module_& m);  // csrc/norm/bindings.cpp
+void bind_rope(pybind11::module_& m);  // csrc/rope/bindings.cpp
 }  // namespace fastllm
 
 #ifndef FASTLLM_CUDA_ARCHS
@@ -61,4 +62,5 @@ PYBIND11_MODULE(_C, m) {
   fastllm::bind_int8(m);
   fastllm::bind_sparse(m);
   fastllm::bind_norm(m);
+  fastllm::bind_rope(m);
 }

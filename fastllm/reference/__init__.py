@@ -10,6 +10,7 @@ from fastllm.reference.int8 import (
 )
 from fastllm.reference.norm import layer_norm, rms_norm
 from fastllm.reference.quant import quantize_per_channel, quantize_per_token
+from fastllm.reference.rope import rope_kv_append
 from fastllm.reference.sparse import block_sparse_linear, sparse24_linear
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "quantize_per_channel",
     "quantize_per_token",
     "rms_norm",
+    "rope_kv_append",
     "sparse24_linear",
 ]
