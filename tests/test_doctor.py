@@ -41,3 +41,13 @@ def test_doctor_says_whether_transformers_knows_fastllm():
         return
     assert f"transformers {transformers.__version__}; fastllm quantizer registered" in text
     assert "distributed  torch.distributed with" in text
+
+
+def test_doctor_says_how_openmp_threads_wait(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert "OMP_WAIT_POLICY=PASSIVE" in "\n".join(doctor.report())
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert "openmp       OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=unset (set by you)" in "\n".join(
+        doctor.report()
+    )
