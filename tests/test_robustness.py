@@ -317,8 +317,8 @@ def test_nan_query_gives_nan(name):
 def test_reference_weighted_values_ieee_rules():
     # p * inf = inf for a kept key with p > 0; a key not kept adds nothing; inf - inf = NaN
     p = torch.tensor([[[[0.5, 0.5, 0.0]]]], dtype=torch.float64)  # (1, 1, 1, 3)
-    v = torch.tensor([[1.0, float("inf"), float("nan")]], dtype=torch.float64)[..., None]
-    v = v.permute(0, 1, 2).reshape(1, 3, 1, 1)  # (B, Sk, H, D)
+    v = torch.tensor([1.0, float("inf"), float("nan")], dtype=torch.float64).view(1, 3, 1, 1)
+    # v: (B, Sk, H, D)
     keep = torch.tensor([True, True, False])
     out = weighted_values(p, keep, v)
     assert out.item() == float("inf")

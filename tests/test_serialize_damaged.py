@@ -8,21 +8,10 @@ import struct
 
 import pytest
 import torch
+from test_serialize import Net  # the model test_serialize saves and loads
 from torch import nn
 
 import fastllm
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = nn.LayerNorm(64)
-        self.up = nn.Linear(64, 128)
-        self.down = nn.Linear(128, 64)
-        self.lm_head = nn.Linear(64, 16, bias=False)
-
-    def forward(self, x):
-        return self.lm_head(x + self.down(torch.relu(self.up(self.norm(x)))))
 
 
 def _encoder():

@@ -577,6 +577,33 @@ def decode_attention(
 
 
 @triton.jit
+def _append_target(
+    pos_ptr, bt_ptr, token, b, t, capacity, num_blocks, page_size, stride_btb,
+    SLOTS: tl.constexpr, PAGED: tl.constexpr,
+):
+    """Where new token t of sequence b (flat index `token`) goes: (block, row, ok). ok is
+    False for a target outside the cache (a slot < 0, a position past the table, a bad
+    block id): that token is skipped (kv_cache_append and rope_kv_append)."""
+    if SLOTS:
+        slot = tl.load(pos_ptr + token).to(tl.int64)
+        ok = (slot >= 0) & (slot < num_blocks * page_size)
+        kv_b = slot // page_size
+        kv_s = slot % page_size
+    else:
+        pos = tl.load(pos_ptr + b).to(tl.int64) + t
+        ok = (pos >= 0) & (pos < capacity)
+        if PAGED:
+            blk = tl.load(bt_ptr + b * stride_btb + pos // page_size, mask=ok, other=-1).to(tl.int64)
+            ok = ok & (blk >= 0) & (blk < num_blocks)
+            kv_b = blk
+            kv_s = pos % page_size
+        else:
+            kv_b = b
+            kv_s = pos
+    return kv_b, kv_s, ok
+
+
+@triton.jit
 def _kv_append_kernel(
     # pointers
     kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, bt_ptr,
@@ -597,22 +624,9 @@ def _kv_append_kernel(
     d_ok = offs_d < head_dim
     b = token // n_new
     t = token % n_new
-    if SLOTS:
-        slot = tl.load(pos_ptr + token).to(tl.int64)
-        ok = (slot >= 0) & (slot < num_blocks * page_size)
-        kv_b = slot // page_size
-        kv_s = slot % page_size
-    else:
-        pos = tl.load(pos_ptr + b).to(tl.int64) + t
-        ok = (pos >= 0) & (pos < capacity)
-        if PAGED:
-            blk = tl.load(bt_ptr + b * stride_btb + pos // page_size, mask=ok, other=-1).to(tl.int64)
-            ok = ok & (blk >= 0) & (blk < num_blocks)
-            kv_b = blk
-            kv_s = pos % page_size
-        else:
-            kv_b = b
-            kv_s = pos
+    kv_b, kv_s, ok = _append_target(
+        pos_ptr, bt_ptr, token, b, t, capacity, num_blocks, page_size, stride_btb, SLOTS, PAGED
+    )
     m = d_ok & (tl.zeros((BLOCK_D,), dtype=tl.int32) + ok.to(tl.int32) != 0)
     kn = tl.load(kn_ptr + b * stride_knb + t * stride_knt + h * stride_knh + offs_d, mask=m)
     vn = tl.load(vn_ptr + b * stride_vnb + t * stride_vnt + h * stride_vnh + offs_d, mask=m)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastllm.triton_kernels.attention import _append_target
+
 MAX_HEAD_DIM = 4096
 
 
@@ -75,23 +77,9 @@ def _rope_kv_append_kernel(
         tl.store(qo_ptr + (token * n_q_heads + h) * head_dim + offs, y, mask=d_ok)
     else:
         h = h - n_q_heads
-        if SLOTS:
-            slot = tl.load(pos_ptr + token).to(tl.int64)
-            ok = (slot >= 0) & (slot < num_blocks * page_size)
-            kv_b = slot // page_size
-            kv_s = slot % page_size
-        else:
-            pos = tl.load(pos_ptr + b).to(tl.int64) + t
-            ok = (pos >= 0) & (pos < capacity)
-            if PAGED:
-                blk = tl.load(bt_ptr + b * stride_btb + pos // page_size, mask=ok, other=-1)
-                blk = blk.to(tl.int64)
-                ok = ok & (blk >= 0) & (blk < num_blocks)
-                kv_b = blk
-                kv_s = pos % page_size
-            else:
-                kv_b = b
-                kv_s = pos
+        kv_b, kv_s, ok = _append_target(
+            pos_ptr, bt_ptr, token, b, t, capacity, num_blocks, page_size, stride_btb, SLOTS, PAGED
+        )
         m = d_ok & (tl.zeros((BLOCK_D,), dtype=tl.int32) + ok.to(tl.int32) != 0)
         k = _rotate(kn_ptr + b * stride_knb + t * stride_knt + h * stride_knh, c, s, offs, m,
                     rot_dim, half, ROUND)

@@ -944,21 +944,7 @@ def kv_cache_append(
     positions = slot_mapping_or_positions
     slots, capacity, page = _check_append(k_new, v_new, k_cache, v_cache, positions, block_table)
     if _index.value_checks_wanted(validate, positions, block_table):
-        n = 1 if slots else k_new.shape[1]
-        low = -1 if slots else 0
-        # positions + n > capacity as positions > capacity - n: no int32 wrap-around
-        i = _index.first_outside(positions, low, capacity - n) if k_new.shape[0] else None
-        if i is not None:
-            what = "slot" if slots else f"start position (+ {n} new tokens)"
-            raise ValueError(
-                f"slot_mapping_or_positions[{i}] = {int(positions[i])}: {what} outside the cache "
-                f"of {capacity} slots; expected {low} <= value"
-                + ("" if slots else f" and value + {n} <= {capacity}")
-            )
-        if block_table is not None and n:
-            first = positions.long() // page
-            last = (positions.long() + n - 1) // page + 1
-            _index.check_block_ids(block_table, first, last, k_cache.shape[0])
+        _check_append_targets(k_new, k_cache, positions, block_table, slots, capacity, page)
     if k_new.numel() == 0:
         return
     args = (_unit_stride(k_new), _unit_stride(v_new), k_cache, v_cache, positions, block_table)
@@ -967,6 +953,26 @@ def kv_cache_append(
         _bump_versions(k_cache, v_cache)
     else:
         _OPS.kv_cache_append(*args)
+
+
+def _check_append_targets(k_new, k_cache, positions, block_table, slots, capacity, page) -> None:
+    """kv_cache_append's value checks (rope_kv_append's too): targets inside the cache,
+    block ids in range."""
+    n = 1 if slots else k_new.shape[1]
+    low = -1 if slots else 0
+    # positions + n > capacity as positions > capacity - n: no int32 wrap-around
+    i = _index.first_outside(positions, low, capacity - n) if k_new.shape[0] else None
+    if i is not None:
+        what = "slot" if slots else f"start position (+ {n} new tokens)"
+        raise ValueError(
+            f"slot_mapping_or_positions[{i}] = {int(positions[i])}: {what} outside the cache "
+            f"of {capacity} slots; expected {low} <= value"
+            + ("" if slots else f" and value + {n} <= {capacity}")
+        )
+    if block_table is not None and n:
+        first = positions.long() // page
+        last = (positions.long() + n - 1) // page + 1
+        _index.check_block_ids(block_table, first, last, k_cache.shape[0])
 
 
 @shape_checks

@@ -26,7 +26,12 @@ from fastllm.native import rope as native_rope
 from fastllm.ops import _index
 from fastllm.ops._checks import check_same_device, check_tensor
 from fastllm.ops._eager import direct, shape_checks
-from fastllm.ops.attention import _bump_versions, _check_append, _unit_stride
+from fastllm.ops.attention import (
+    _bump_versions,
+    _check_append,
+    _check_append_targets,
+    _unit_stride,
+)
 from fastllm.reference.rope import apply_rotary
 
 # --- backends ------------------------------------------------------------------------------
@@ -125,25 +130,6 @@ def _check(q, k_new, v_new, cos, sin, k_cache, v_cache, positions, block_table):
     return slots, capacity, page
 
 
-def _check_targets(k_new, k_cache, positions, block_table, slots, capacity, page) -> None:
-    """kv_cache_append's value checks: targets inside the cache, block ids in range."""
-    n = 1 if slots else k_new.shape[1]
-    low = -1 if slots else 0
-    # positions + n > capacity as positions > capacity - n: no int32 wrap-around
-    i = _index.first_outside(positions, low, capacity - n) if k_new.shape[0] else None
-    if i is not None:
-        what = "slot" if slots else f"start position (+ {n} new tokens)"
-        raise ValueError(
-            f"slot_mapping_or_positions[{i}] = {int(positions[i])}: {what} outside the cache "
-            f"of {capacity} slots; expected {low} <= value"
-            + ("" if slots else f" and value + {n} <= {capacity}")
-        )
-    if block_table is not None and n:
-        first = positions.long() // page
-        last = (positions.long() + n - 1) // page + 1
-        _index.check_block_ids(block_table, first, last, k_cache.shape[0])
-
-
 # --- registered op ---------------------------------------------------------------------------
 
 
@@ -240,7 +226,7 @@ def rope_kv_append(
     args = (q, k_new, v_new, cos, sin, k_cache, v_cache, positions, block_table)
     slots, capacity, page = _check(*args)
     if _index.value_checks_wanted(validate, positions, block_table):
-        _check_targets(k_new, k_cache, positions, block_table, slots, capacity, page)
+        _check_append_targets(k_new, k_cache, positions, block_table, slots, capacity, page)
     if direct(*args):
         out = _run(*args)
         _bump_versions(k_cache, v_cache)
