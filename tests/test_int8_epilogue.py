@@ -196,8 +196,40 @@ def test_cpu_matches_torch(dtype, act):
     ]
     if act is None:  # scaling, bias, residual add: the same float32 operations
         assert torch.equal(outs[0], outs[1])
-    else:  # the C library's erf/tanh/exp against ATen's: a last-bit difference at most
+    else:  # the C++ approximations against ATen's
         assert rel_err(outs[0], outs[1]) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(OP, torch.device("cpu")), reason="no _C")
+@pytest.mark.parametrize("act", ACTS[1:])
+def test_cpu_activations_elementwise_and_in_the_tails(act):
+    """Each value against the activation in float64, written without cancellation (erfc,
+    sigmoid), so that the tails are checked too; and NaN and +-inf."""
+    x = torch.cat([torch.linspace(-14, 14, 100_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    ones = torch.ones(x.numel(), 1, dtype=torch.int8)
+    w, ws = torch.ones(1, 1, dtype=torch.int8), torch.ones(1)
+    # an int8 GEMM of ones scaled by x: the accumulator's scaled value is x exactly
+    y = _forced("cpu", int8_linear, ones, x, w, ws, None, torch.float32, activation=act)[:, 0]
+    xd = x.double()
+    if act == "gelu":
+        want = 0.5 * xd * torch.special.erfc(-xd / 2**0.5)
+    elif act == "gelu_tanh":
+        want = xd * torch.sigmoid(2 * 0.7978845608028654 * (xd + 0.044715 * xd**3))
+    else:
+        want = xd * torch.sigmoid(xd)
+    tiny = want.abs() <= 1e-30
+    rel = (y.double() - want).abs() / want.abs()
+    near = (x.abs() <= 5) & ~tiny
+    assert rel[near].max() <= (2e-7 if act == "silu" else 3e-6), rel[near].max()
+    # beyond, the float32 rounding of the exponent's argument (up to ~100) shows, on
+    # results below 1e-10 in magnitude
+    assert rel[~tiny].max() <= (2e-7 if act == "silu" else 3e-5), rel[~tiny].max()
+    assert (y[tiny].double() - want[tiny]).abs().max() <= 1e-30
+    special = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    y = _forced("cpu", int8_linear, ones[:3], special, w, ws, None, torch.float32, activation=act)
+    # the limits; PyTorch's own gelu gives +inf or NaN at +inf depending on its code path
+    want = torch.tensor([float("nan"), float("inf"), float("nan")])
+    torch.testing.assert_close(y[:, 0], want, equal_nan=True)
 
 
 # --- shapes: leading dimensions, strides, empty ------------------------------------------

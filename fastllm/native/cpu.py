@@ -154,19 +154,6 @@ def supports_fused(
     return reason or _int_mm_reason(x.shape[0], x.shape[1], w_int8.shape[0])
 
 
-# The C++ activations call the C library's erf/tanh/exp one element at a time, while
-# ATen's are vectorized: measured (bench/bench_int8.py, 1 thread, loaded 2-core x86, fp32,
-# N = 5632, K = 2048) gelu at M = 128: 30.5 ms here against 14.2 ms for the torch
-# backend's fused path; without an activation the C++ pass is on par (residual add, M = 16:
-# 5.6 ms against 6.5 ms). So the automatic choice leaves activations to the torch backend.
-def prefer_fused(
-    x, x_scale, w_int8, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
-) -> str | None:
-    if act is not None:
-        return f"activation {act!r}: ATen's vectorized activations are faster than the C++ loop"
-    return None
-
-
 def fused_linear(
     x, x_scale, w_int8, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
 ):

@@ -339,9 +339,9 @@ def _fused_triton(
     return None, q, scale
 
 
-backend.register(
-    "int8_fused_linear", "cpu", supports=native_cpu.supports_fused, prefer=native_cpu.prefer_fused
-)(native_cpu.fused_linear)
+backend.register("int8_fused_linear", "cpu", supports=native_cpu.supports_fused)(
+    native_cpu.fused_linear
+)
 
 
 # --- checks shared by the public functions and the registered ops -------------------------
