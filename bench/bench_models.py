@@ -23,6 +23,7 @@ CONFIGS = {
     "unmodified": None,
     "attention": {},
     "w8a8": {"linear": "w8a8"},
+    "w8a8 + fuse": {"linear": "w8a8", "fuse": True},
     "w8a16": {"linear": "w8a16"},
     "2:4": {"linear": "2:4"},
     "block 0.5": {"linear": "block", "density": 0.5},

@@ -18,6 +18,8 @@ Contenders (a runtime that is not installed is skipped with a message; install t
     pytorch-fp32         the unmodified model, eager
     fastllm-w8a8         fastllm.optimize(linear="w8a8"), SmoothQuant, eager
     fastllm-w8a8-compile the same under torch.compile
+    fastllm-w8a8-fused   fastllm.optimize(linear="w8a8", fuse=True): norms, activations and
+                         residual adds in fastllm's ops; -fused-compile under torch.compile
     ort-fp32, ort-int8   ONNX Runtime: the model exported by torch.onnx.export, and
                          onnxruntime.quantization.quantize_dynamic (int8 weights, dynamic
                          per-tensor activation scales)
@@ -62,6 +64,8 @@ CONTENDERS = (
     "pytorch-fp32",
     "fastllm-w8a8",
     "fastllm-w8a8-compile",
+    "fastllm-w8a8-fused",
+    "fastllm-w8a8-fused-compile",
     "ort-fp32",
     "ort-int8",
     "ov-fp32",
@@ -69,7 +73,14 @@ CONTENDERS = (
     "ov-int8-weights",
     "ov-int8-static",
 )
-QUICK_CONTENDERS = ("pytorch-fp32", "fastllm-w8a8", "ort-int8", "ov-fp32", "ov-int8-static")
+QUICK_CONTENDERS = (
+    "pytorch-fp32",
+    "fastllm-w8a8",
+    "fastllm-w8a8-fused",
+    "ort-int8",
+    "ov-fp32",
+    "ov-int8-static",
+)
 # name -> (environment variables, extra arguments) for --sweep; each runs in its own process
 SETTINGS = {
     "default": ({}, []),
@@ -208,7 +219,7 @@ def build(name: str, base, calib: list[dict], batch: dict, cache: Path, threads:
         import fastllm
 
         model = copy.deepcopy(base)
-        fastllm.optimize(model, calibration=calib, linear="w8a8")
+        fastllm.optimize(model, calibration=calib, linear="w8a8", fuse="-fused" in name)
         return torch.compile(model) if name.endswith("compile") else model
     onnx_path = export_onnx(base, batch, cache / "model.onnx")
     if name == "ort-fp32":

@@ -67,7 +67,7 @@ else
 fi
 
 step "benchmarks"
-timeout "$(limit 170)" "$PY" -m fastllm bench quant attention int8 sparse models norm overhead --out "$OUTDIR" >"$OUTDIR/bench.log" 2>&1 || failed+=(bench)
+timeout "$(limit 170)" "$PY" -m fastllm bench quant attention int8 sparse models norm overhead launches --out "$OUTDIR" >"$OUTDIR/bench.log" 2>&1 || failed+=(bench)
 grep -E "bench_.*: [0-9.]+ s|differs|failed" "$OUTDIR/bench.log" | tail -20
 
 step "done in $((SECONDS - t0))s; failed steps: ${failed[*]:-none}"

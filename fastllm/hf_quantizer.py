@@ -164,6 +164,8 @@ def module_records(model: nn.Module) -> dict:
     modules = dict(model.named_modules())
     records = {}
     for e in _report(model).layers:
+        if e.kind not in s._LAYER_TYPES:  # fused modules: built again after loading
+            continue
         if e.action in ("swapped", "kept") and e.name and e.name in modules:
             m = modules[e.name]
             records[e.name] = {
@@ -189,6 +191,7 @@ def config_for(model: nn.Module):
     return config_cls(
         linear=options.get("linear"),
         attention=attention,
+        fuse=options.get("fuse", False),
         backend=options.get("backend"),
         modules=module_records(model),
         options=options,
@@ -378,6 +381,9 @@ def _finish_loading(model: nn.Module, config, checkpoint_files) -> None:
     if config.backend is not None:
         opt._force_backend(model, config.backend)
     setattr(model, opt._REPORT_ATTR, rep)
+    if config.fuse:
+        rep.options["fuse"] = True
+        opt.apply_fusion(model)
 
 
 # --- registration --------------------------------------------------------------------------
@@ -485,6 +491,8 @@ def _classes() -> tuple[type, type]:
                 "2:4+w8a8", or a fastllm.LinearConfig.
             attention: switch the model to fastllm attention (default True). In a saved
                 checkpoint's config: whether it was on.
+            fuse: also swap in the fused modules (fastllm.optimize's fuse=); in a saved
+                checkpoint's config: they are built again after its tensors load.
             backend: force one fastllm backend for every forward pass; None: chosen per call.
             calibration: batches for SmoothQuant (w8a8) and Wanda (sparse) when a float
                 checkpoint is optimized while loading. Kept in memory only, never written
@@ -507,6 +515,7 @@ def _classes() -> tuple[type, type]:
             linear=None,
             *,
             attention: bool = True,
+            fuse: bool = False,
             backend: str | None = None,
             calibration=None,
             modules: dict | None = None,
@@ -528,6 +537,8 @@ def _classes() -> tuple[type, type]:
                 )
             if not isinstance(attention, bool):
                 raise ValueError(f"attention must be True or False, got {attention!r}")
+            if not isinstance(fuse, bool):
+                raise ValueError(f"fuse must be True or False, got {fuse!r}")
             if backend is not None and backend not in BACKENDS:
                 raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
             if options is not None and not isinstance(options, dict):
@@ -545,6 +556,7 @@ def _classes() -> tuple[type, type]:
             self.version = s.VERSION
             self.linear = _linear_dict(linear, linear_options)
             self.attention = attention
+            self.fuse = fuse
             self.backend = backend
             self.modules = _check_modules(modules)
             self.options = copy.deepcopy(options)
@@ -562,7 +574,12 @@ def _classes() -> tuple[type, type]:
         def optimize_options(self) -> dict:
             """The keyword arguments of fastllm.optimize this config stands for."""
             linear = _opt().LinearConfig(**self.linear) if self.linear is not None else None
-            return {"attention": self.attention, "linear": linear, "backend": self.backend}
+            return {
+                "attention": self.attention,
+                "linear": linear,
+                "fuse": self.fuse,
+                "backend": self.backend,
+            }
 
         def to_dict(self) -> dict:
             return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "calibration"}

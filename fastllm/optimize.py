@@ -219,7 +219,7 @@ def report(model: nn.Module) -> Report:
     modules = dict(model.named_modules())
     for e in rep.layers:
         m = modules.get(e.name)
-        if m is None:
+        if m is None or e.action == "skipped":  # a skipped module's own records are not fastllm's
             continue
         if e.kind == "attention" and e.after == "fastllm (transformers)":
             e.backend = _hf_backends(model)
@@ -343,7 +343,7 @@ def _failure(model: nn.Module, changes: _Changes, error: Exception) -> RuntimeEr
 
 # --- optimize ------------------------------------------------------------------------------
 
-_OPTIONS = ("attention", "linear", "calibration", "filter_fn", "backend")
+_OPTIONS = ("attention", "linear", "calibration", "fuse", "filter_fn", "backend")
 
 
 def _make_linear_config(linear, options: dict) -> LinearConfig | None:
@@ -375,6 +375,7 @@ def optimize(
     attention: bool = True,
     linear: str | LinearConfig | None = None,
     calibration: Iterable | None = None,
+    fuse: bool = False,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     backend: str | None = None,
     **options,
@@ -390,6 +391,12 @@ def optimize(
             tuple or list as `model(*batch)`, else `model(batch)`), used by SmoothQuant
             (w8a8) and Wanda (sparse). Without it, the calibration-free methods are used;
             the report says so, and says when the batches were not used (w8a16).
+        fuse: also replace the modules around the GEMMs by fused ones (fastllm.fusion):
+            LayerNorm and RMSNorm modules by fastllm's norm ops; with linear="w8a8", the
+            activation, residual add and re-quantization of BERT-, GPT-2- and Llama-type
+            MLP and output blocks into the GEMMs' epilogues. Each is checked against the
+            module it replaces on a probe input; the report lists what was fused and why
+            the rest was not.
         filter_fn: `filter_fn(qualified_name, module) -> bool`; layers for which it is
             false are left alone.
         backend: force one fastllm backend ("cuda", "triton", "cpu", "torch", "reference") for
@@ -404,6 +411,8 @@ def optimize(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(attention, bool):
         raise ValueError(f"attention must be True or False, got {attention!r}")
+    if not isinstance(fuse, bool):
+        raise ValueError(f"fuse must be True or False, got {fuse!r}")
     if backend is not None and backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be None or one of {_backend.BACKENDS}, got {backend!r}")
     if filter_fn is not None and not callable(filter_fn):
@@ -421,6 +430,7 @@ def optimize(
     opts = {
         "attention": attention,
         "linear": cfg.to_dict() if cfg else None,
+        "fuse": fuse,
         "backend": backend,
         "filter_fn": None if filter_fn is None else getattr(filter_fn, "__name__", "custom"),
     }
@@ -456,6 +466,8 @@ def optimize(
             _guard_fast_paths(model, rep, changes)
         if cfg is not None:
             _swap_linears(model, cfg, batches, filter_fn, rep, changes, tp)
+        if fuse:
+            _fuse(model, cfg.kind if cfg is not None else None, filter_fn, rep, changes)
         _guard_fast_paths(model, rep, changes)
     except BaseException as e:
         error = _failure(model, changes, e) if isinstance(e, Exception) else None
@@ -739,7 +751,9 @@ def _calibrate(model, cfg: LinearConfig, batches, rep: Report, names: set[str], 
         norms = [m for m in model.modules() if _quant._is_norm(m)]
         changes.keep_tensors([p for m in norms for p in m.parameters(recurse=False)])
         changes.keep_tensors(weights)
-        smooth_scales = _quant.smooth(model, stats, alpha=cfg.alpha, unfoldable=unfoldable)
+        smooth_scales = _quant.smooth(
+            model, stats, alpha=cfg.alpha, unfoldable=unfoldable, example=batches[0]
+        )
         what.append(
             f"SmoothQuant alpha={cfg.alpha} from {len(batches)} batches: "
             f"{len(smooth_scales.folded)} layers folded into a norm, "
@@ -838,6 +852,41 @@ def _swap_linears(
         changes.setattr(parent, attr, new)
         rep.layers.append(LayerEntry(name, "linear", "swapped", before, type(new).__name__))
     rep.options["method"] = method if cfg.kind in ("2:4", "block", "2:4+w8a8") else None
+
+
+# --- fused modules -------------------------------------------------------------------------
+
+
+def _fuse(model, linear: str | None, filter_fn, rep: Report, changes: _Changes) -> None:
+    from fastllm import fusion
+
+    seen = {e.name for e in rep.layers}
+    where = {(e.name, e.kind): i for i, e in enumerate(rep.layers)}
+    for entry in fusion.fuse(model, filter_fn, changes, seen):
+        new = LayerEntry(*entry)
+        if (new.name, new.kind) in where:  # looked at again (optimize called again)
+            rep.layers[where[new.name, new.kind]] = new
+        else:
+            rep.layers.append(new)
+    if linear != "w8a8":
+        what = f"linear={linear!r}"
+        rep.notes.append(
+            f"fuse with {what}: the norms are fused; the GEMM epilogue fusions take w8a8 layers"
+        )
+
+
+def apply_fusion(model: nn.Module) -> None:
+    """Swaps in the fused modules of a model being rebuilt from a save made with fuse=True
+    (fastllm.load, transformers' from_pretrained): the same modules, checked the same way,
+    recorded in its report."""
+    rep = getattr(model, _REPORT_ATTR)
+    changes = _Changes()
+    try:
+        linear = rep.options.get("linear")
+        _fuse(model, linear.get("kind") if isinstance(linear, dict) else None, None, rep, changes)
+    except BaseException:
+        changes.undo()
+        raise
 
 
 # --- tensor parallelism --------------------------------------------------------------------

@@ -1,0 +1,416 @@
+"""`fastllm.optimize(model, fuse=True)` (fastllm/fusion.py, fastllm/nn/fused.py): the fused
+modules against the unfused ones on BERT-, GPT-2- and Llama-type models, the patterns that
+must not match, state_dict, save/load, undo, training mode and torch.compile."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from torch import nn
+
+import fastllm
+from fastllm import nn as fnn
+from fastllm.nn.fused import (
+    FusedDenseAct,
+    FusedDenseResidualNorm,
+    FusedGatedMLP,
+    FusedLayerNorm,
+    FusedMLP,
+    FusedRMSNorm,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _ids(vocab=100, shape=(3, 9), seed=0):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=112,
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+def _llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _pair(make, **kw):
+    """(unfused, fused) w8a8 copies of the same float model, calibrated alike."""
+    base = make()
+    calib = [{"input_ids": _ids(seed=1)}]
+    plain, fused = copy.deepcopy(base), copy.deepcopy(base)
+    fastllm.optimize(plain, linear="w8a8", calibration=calib, **kw)
+    fastllm.optimize(fused, linear="w8a8", calibration=calib, fuse=True, **kw)
+    return plain, fused
+
+
+def _entries(model, kind):
+    return {e.name: e for e in fastllm.report(model).layers if e.kind == kind}
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# --- the patterns on real model structures --------------------------------------------------
+
+
+def test_bert_blocks_fused_and_output_unchanged():
+    plain, fused = _pair(_bert)
+    layer = fused.encoder.layer[0]
+    assert type(layer.intermediate) is FusedDenseAct and layer.intermediate.activation == "gelu"
+    assert type(layer.output) is FusedDenseResidualNorm
+    assert type(layer.attention.output) is FusedDenseResidualNorm
+    assert type(layer.output.LayerNorm) is FusedLayerNorm
+    assert type(fused.embeddings.LayerNorm) is FusedLayerNorm
+    ids = _ids()
+    assert rel_err(_out(fused, ids), _out(plain, ids)) <= 1e-5
+    fused_entries = _entries(fused, "fused")
+    assert fused_entries["encoder.layer.1.intermediate"].action == "swapped"
+    assert fused_entries["encoder.layer.1.intermediate"].reason == "gelu in the epilogue"
+    # the pooler's tanh is not an epilogue activation; the attention projections are
+    # called one by one by the attention code: both stay, with the reason
+    assert "Tanh" in fused_entries["pooler"].reason
+    assert fused_entries["encoder.layer.0.attention.self"].action == "skipped"
+    rep = fastllm.report(fused)
+    assert rep.options["fuse"] is True
+    assert fused_entries["encoder.layer.0.output"].backend in ("cpu", "torch")
+    assert fused_entries["pooler"].backend is None
+
+
+def test_llama_gated_mlp_and_rms_norms():
+    plain, fused = _pair(_llama)
+    mlp = fused.model.layers[0].mlp
+    assert type(mlp) is FusedGatedMLP and mlp.activation == "silu"
+    assert mlp.roles["gate"] == "gate_proj" and mlp.roles["up"] == "up_proj"
+    assert type(fused.model.layers[0].input_layernorm) is FusedRMSNorm
+    assert type(fused.model.norm) is FusedRMSNorm
+    # the children's buffers are views of the concatenated ones
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == (
+        mlp.gate_up_weight.untyped_storage().data_ptr()
+    )
+    ids = _ids()
+    assert rel_err(_out(fused, ids), _out(plain, ids)) <= 1e-4
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(plain.generate(ids, **gen), fused.generate(ids, **gen))
+
+
+def test_gpt2_mlp_quantizes_for_the_next_gemm():
+    plain, fused = _pair(_gpt2)
+    mlp = fused.transformer.h[0].mlp
+    assert type(mlp) is FusedMLP and mlp.activation == "gelu_tanh"  # gelu_new
+    assert mlp.roles == {"up": "c_fc", "act": "act", "down": "c_proj"}
+    assert type(fused.transformer.h[0].ln_1) is FusedLayerNorm
+    ids = _ids()
+    assert rel_err(_out(fused, ids), _out(plain, ids)) <= 1e-4
+
+
+def test_state_dict_unchanged_by_fusion():
+    plain, fused = _pair(_llama)
+    a, b = plain.state_dict(), fused.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_loading_into_the_children_updates_the_fused_gemm():
+    plain, fused = _pair(_llama)
+    other_plain, _ = _pair(_llama)
+    with torch.no_grad():  # a different model: every int8 weight changed
+        for m in other_plain.modules():
+            if isinstance(m, fnn.Int8Linear):
+                m.weight.copy_(torch.randint(-127, 128, m.weight.shape, dtype=torch.int8))
+                m.weight_scale.mul_(1.5)
+    fused.load_state_dict(other_plain.state_dict())
+    ids = _ids()
+    assert rel_err(_out(fused, ids), _out(other_plain, ids)) <= 1e-4
+    moved = copy.deepcopy(fused).to("cpu", torch.float32)  # moved: the views are built again
+    mlp = moved.model.layers[1].mlp
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == (
+        mlp.gate_up_weight.untyped_storage().data_ptr()
+    )
+    assert mlp.gate_up_weight_scale.dtype == torch.float32
+    assert rel_err(_out(moved, ids), _out(other_plain, ids)) <= 1e-4
+
+
+def test_norms_only_without_int8_linears():
+    base = _bert()
+    model = fastllm.optimize(copy.deepcopy(base), fuse=True)
+    assert type(model.embeddings.LayerNorm) is FusedLayerNorm
+    assert type(model.encoder.layer[0].output) is not FusedDenseResidualNorm
+    assert any("norms are fused" in n for n in fastllm.report(model).notes)
+    ids = _ids()
+    assert rel_err(_out(model, ids), _out(base, ids)) <= 1e-5
+    w16 = fastllm.optimize(copy.deepcopy(base), linear="w8a16", fuse=True)
+    assert type(w16.encoder.layer[0].intermediate) is not FusedDenseAct
+    assert all(e.action != "skipped" or "w8a8" in e.reason for e in _entries(w16, "fused").values())
+
+
+# --- what must not match --------------------------------------------------------------------
+
+
+class ActFirst(nn.Module):  # dense(act(x)): the children of FusedDenseAct, wired otherwise
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(16, 24)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.dense(self.act(x))
+
+
+class TanhBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(16, 24)
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class GeluBlock(TanhBlock):
+    def __init__(self, approximate="none"):
+        super().__init__()
+        self.act = nn.GELU(approximate=approximate)
+
+
+class GemmaRMSNorm(nn.Module):  # y * (1 + w): an RMSNorm by name and layout, not by formula
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim) * 0.1)
+        self.eps = 1e-6
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = ActFirst()
+        self.b = TanhBlock()
+        self.c = GeluBlock()
+        self.d = GeluBlock("tanh")
+        self.norm = GemmaRMSNorm(24)
+        self.proj = nn.Linear(24, 16)
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x) + self.c(x) + self.d(x)
+        return self.proj(self.norm(y))
+
+
+def test_patterns_that_do_not_match_stay_with_the_reason():
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(4, 7, 16)
+    plain = fastllm.optimize(copy.deepcopy(net), linear="w8a8")
+    fused = fastllm.optimize(copy.deepcopy(net), linear="w8a8", fuse=True)
+    entries = {**_entries(fused, "fused"), **_entries(fused, "norm")}
+    assert entries["a"].action == "skipped" and "output differs" in entries["a"].reason
+    assert entries["b"].action == "skipped" and "Tanh" in entries["b"].reason
+    assert entries["c"].action == "swapped" and fused.c.activation == "gelu"
+    assert entries["d"].action == "swapped" and fused.d.activation == "gelu_tanh"
+    assert entries["norm"].action == "skipped" and "output differs" in entries["norm"].reason
+    assert type(fused.a) is ActFirst and type(fused.norm) is GemmaRMSNorm
+    with torch.no_grad():
+        assert rel_err(fused(x), plain(x)) <= 1e-5
+
+
+def test_filter_fn_and_keyword_calls():
+    base = _bert()
+    model = fastllm.optimize(
+        copy.deepcopy(base),
+        linear="w8a8",
+        fuse=True,
+        filter_fn=lambda name, m: not name.endswith("attention.output"),
+    )
+    entries = _entries(model, "fused")
+    assert entries["encoder.layer.0.attention.output"].reason == "filtered out by filter_fn"
+    out = model.encoder.layer[0].output
+    h, r = torch.randn(2, 5, 112), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert torch.equal(out(h, r), out(hidden_states=h, input_tensor=r))
+        assert torch.equal(out(h, input_tensor=r), out(h, r))
+
+
+def test_training_mode_runs_the_original_container():
+    _, fused = _pair(_bert)
+    block = fused.encoder.layer[0].output
+    h, r = torch.randn(2, 5, 112), torch.randn(2, 5, 64)
+    fused.train()
+    assert block.training and block.dropout.training
+    torch.manual_seed(3)
+    with torch.no_grad():
+        got = block(h, r)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        want = block.original(h, r)
+    assert torch.equal(got, want)
+
+
+def test_calling_again_keeps_the_fused_modules():
+    _, fused = _pair(_llama)
+    names = [e.name for e in fastllm.report(fused).layers if e.kind in ("fused", "norm")]
+    fastllm.optimize(fused, linear="w8a8", fuse=True)
+    again = [e.name for e in fastllm.report(fused).layers if e.kind in ("fused", "norm")]
+    assert again == names  # recorded once
+    assert type(fused.model.layers[0].mlp) is FusedGatedMLP
+    # a model fused by another route (no report entries yet): its fused modules are "kept"
+    fresh = copy.deepcopy(fused)
+    del fresh._fastllm_report
+    fastllm.optimize(fresh, fuse=True)
+    kept = {e.kind for e in fastllm.report(fresh).layers if e.action == "kept"}
+    assert kept >= {"fused", "norm"}
+
+
+def test_error_while_fusing_restores_the_model():
+    base = _llama()
+    calib = [{"input_ids": _ids(seed=1)}]
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def boom(name, m):
+        if name == "model.layers.1.mlp":
+            raise RuntimeError("no")
+        return True
+
+    with pytest.raises(RuntimeError, match="model.layers.1.mlp"):
+        fastllm.optimize(model, linear="w8a8", calibration=calib, fuse=True, filter_fn=boom)
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+    assert type(model.model.layers[0].mlp.gate_proj) is nn.Linear
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# --- save / load ----------------------------------------------------------------------------
+
+
+def test_save_and_load_rebuild_the_fused_modules(tmp_path):
+    plain, fused = _pair(_llama)
+    fastllm.save(fused, tmp_path)
+    loaded = fastllm.load(_llama(), tmp_path)
+    assert type(loaded.model.layers[0].mlp) is FusedGatedMLP
+    assert type(loaded.model.norm) is FusedRMSNorm
+    ids = _ids()
+    assert torch.equal(_out(loaded, ids), _out(fused, ids))
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    _, fused = _pair(_bert)
+    fused.save_pretrained(tmp_path)
+    loaded = transformers.BertModel.from_pretrained(tmp_path).eval()
+    assert type(loaded.encoder.layer[0].intermediate) is FusedDenseAct
+    assert loaded.config.quantization_config.fuse is True
+    ids = _ids()
+    assert torch.equal(_out(loaded, ids), _out(fused, ids))
+
+
+def test_from_pretrained_with_fuse(tmp_path):
+    base = _llama()
+    base.save_pretrained(tmp_path)
+    cfg = fastllm.hf.FastllmConfig(linear="w8a8", fuse=True, calibration=[_ids(seed=1)])
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=cfg)
+    assert type(model.model.layers[0].mlp) is FusedGatedMLP
+    with pytest.raises(ValueError, match="fuse must be True or False"):
+        fastllm.hf.FastllmConfig(fuse="yes")
+
+
+def test_bad_fuse_argument():
+    with pytest.raises(ValueError, match="fuse must be True or False, got 1"):
+        fastllm.optimize(nn.Linear(4, 4), fuse=1)
+
+
+# --- fewer launches per decode step ----------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    fastllm.backend.unavailable_reason("triton", torch.device("cpu")) is not None,
+    reason="the triton backend (interpreter) is not available",
+)
+def test_decode_step_launches_per_layer():
+    """One decode step of a 2-layer Llama on the triton backend: what a GPU would launch in
+    a decoder layer (fastllm/bench/bench_launches.py), w8a8 without and with fuse."""
+    from fastllm.bench.bench_launches import decode_step_launches
+
+    cpu = torch.device("cpu")
+    plain = decode_step_launches(2, False, cpu)
+    fused = decode_step_launches(2, True, cpu)
+    # each RMSNorm (pow, mean, add, rsqrt, mul, casts) becomes one kernel; the MLP's gate and
+    # up GEMMs become one, with silu and the product in its epilogue
+    assert fused["triton:_norm_kernel"] == 5 and plain["aten:rsqrt"] == 5
+    assert fused["aten:rsqrt"] == 0 and fused["aten:silu"] == 0 and plain["aten:silu"] == 2
+    assert fused["triton:_int8_dynamic_linear_kernel"] == 2
+    assert plain["triton:_int8_dynamic_linear_kernel"] == 4
+    assert fused["launches"] <= plain["launches"] - 2 * 12, (plain["launches"], fused["launches"])
+
+
+# --- torch.compile --------------------------------------------------------------------------
+
+
+class Block(nn.Module):  # a Llama-type block without attention: norm, gated MLP, norm
+    def __init__(self):
+        super().__init__()
+        self.norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(32)
+        self.mlp = transformers.models.llama.modeling_llama.LlamaMLP(
+            transformers.LlamaConfig(hidden_size=32, intermediate_size=48, hidden_act="silu")
+        )
+        self.ln = nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.ln(x + self.mlp(self.norm(x)))
+
+
+def test_compile_fullgraph():
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = torch.randn(2, 5, 32)
+    fastllm.optimize(block, linear="w8a8", calibration=[x], fuse=True)
+    assert type(block.mlp) is FusedGatedMLP and type(block.norm) is FusedRMSNorm
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), rtol=0, atol=0)
+
+
+def test_fused_norm_modules_fall_back_for_other_dtypes():
+    ln = nn.LayerNorm(16)
+    fused = FusedLayerNorm.from_module(ln)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)  # a float32 weight: PyTorch's mixed path
+    torch.testing.assert_close(fused(x), F.layer_norm(x, (16,), ln.weight, ln.bias, ln.eps))
+    rms = FusedRMSNorm(nn.Parameter(torch.rand(16)), 1e-6)
+    want = transformers.models.llama.modeling_llama.LlamaRMSNorm(16, 1e-6)
+    want.weight = rms.weight
+    torch.testing.assert_close(rms(x), want(x))
+    with pytest.raises(ValueError, match="one dimension with a weight"):
+        FusedLayerNorm.from_module(nn.LayerNorm(16, elementwise_affine=False))
