@@ -6,9 +6,11 @@ dropouts is matched by its children (one linear + activation: FusedDenseAct; one
 LayerNorm, forward(h, r): FusedDenseResidualNorm; two linears + activation: FusedMLP; three
 + activation: FusedGatedMLP), the activation by what it computes on a probe vector (GELU
 exact or tanh, SiLU), and then the candidate is run against the container on a random
-probe input: it is swapped in only if it computes what the container computes. LayerNorm
-modules and RMSNorm modules (a class named ...RMSNorm with a 1-D weight and an eps) are
-checked the same way. Whatever does not match stays as it is, with the reason.
+probe input: it is swapped in only if it computes what the container computes. RMSNorm
+modules (a class named ...RMSNorm with a 1-D weight and an eps: in PyTorch, five to seven
+ops) become one fastllm.ops.rms_norm, checked the same way; nn.LayerNorm stays (PyTorch's
+layer_norm is one kernel already, and the fused containers call it after their epilogue).
+Whatever does not match stays as it is, with the reason.
 
     (qualified name, kind, action, before, after, reason)   the report's entries:
     kind "norm" | "fused", action "swapped" | "skipped" | "kept"
@@ -28,7 +30,6 @@ from fastllm.nn.fused import (
     FusedDenseAct,
     FusedDenseResidualNorm,
     FusedGatedMLP,
-    FusedLayerNorm,
     FusedMLP,
     FusedRMSNorm,
     _FusedContainer,
@@ -36,7 +37,7 @@ from fastllm.nn.fused import (
     rms_norm_eps,
 )
 
-FUSED_TYPES = (_FusedContainer, FusedLayerNorm, FusedRMSNorm)
+FUSED_TYPES = (_FusedContainer, FusedRMSNorm)
 # relative error (Frobenius) allowed between a fused module and the module it replaces on
 # the probe input: float rounding, and an int8 step flipped now and then where the fused
 # epilogue quantizes a value that the unfused path rounded to the other side of a step
@@ -225,11 +226,7 @@ def _fuse_norm(norm: nn.Module, model_dtype):
     if w.dtype not in _TOLERANCE:
         return None, f"weight dtype {w.dtype}"
     try:
-        fused = (
-            FusedLayerNorm.from_module(norm)
-            if isinstance(norm, nn.LayerNorm)
-            else FusedRMSNorm.from_module(norm)
-        )
+        fused = FusedRMSNorm.from_module(norm)
     except ValueError as e:
         return None, str(e)
     x = _randn(2, 3, w.shape[0], device=w.device, dtype=w.dtype, seed=2)
@@ -264,7 +261,7 @@ def fuse(
                 continue
             if type(child).__module__.startswith("fastllm.nn"):
                 continue
-            norm = isinstance(child, nn.LayerNorm) or is_rms_norm(child)
+            norm = is_rms_norm(child)
             found, why = ([], None) if norm else _candidates(child)
             if norm or found or why:
                 kind = "norm" if norm else "fused"

@@ -1,6 +1,5 @@
 """Fused modules: the work between a model's GEMMs done inside fastllm's ops.
 
-    FusedLayerNorm        nn.LayerNorm on fastllm.ops.layer_norm
     FusedRMSNorm          an RMSNorm (transformers' LlamaRMSNorm and look-alikes) on fastllm.ops.rms_norm
     FusedDenseAct         act(dense(x))                      BERT's intermediate
                           -> the activation in the W8A8 GEMM's epilogue
@@ -59,38 +58,6 @@ def _norm_input_ok(x, weight) -> bool:
     )
 
 
-class FusedLayerNorm(nn.LayerNorm):
-    """nn.LayerNorm over the last dimension, on fastllm.ops.layer_norm. It shares the
-    original module's parameters (same state_dict). Inputs the op does not take (another
-    dtype than the weight's) go through F.layer_norm, as nn.LayerNorm computes them."""
-
-    @classmethod
-    def from_module(cls, norm: nn.LayerNorm) -> FusedLayerNorm:
-        if not isinstance(norm, nn.LayerNorm):
-            raise TypeError(f"norm must be an nn.LayerNorm, got {type(norm).__name__}")
-        if len(norm.normalized_shape) != 1 or norm.weight is None:
-            raise ValueError(
-                f"{norm} normalizes over {tuple(norm.normalized_shape)} "
-                f"(elementwise_affine={norm.elementwise_affine}); FusedLayerNorm takes one "
-                "dimension with a weight"
-            )
-        new = cls.__new__(cls)
-        new.__dict__.update(norm.__dict__)
-        new._parameters = dict(norm._parameters)
-        new._buffers = dict(norm._buffers)
-        new._modules = dict(norm._modules)
-        new.last_backend = None
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _norm_input_ok(x, self.weight):
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        y = fops.layer_norm(x, self.weight, self.bias, self.eps)
-        if not torch.compiler.is_compiling():
-            self.last_backend = backend.last_backend("layer_norm")
-        return y
-
-
 def rms_norm_eps(norm: nn.Module) -> float | None:
     """The epsilon of an RMSNorm module (``variance_epsilon`` in transformers' Llama family,
     ``eps`` in others and in torch.nn.RMSNorm), or None if it has none as a number."""
@@ -123,10 +90,16 @@ class FusedRMSNorm(nn.Module):
     def from_module(cls, norm: nn.Module) -> FusedRMSNorm:
         weight = norm._parameters.get("weight")
         eps = rms_norm_eps(norm)
-        if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or eps is None:
+        if (
+            not isinstance(weight, nn.Parameter)
+            or weight.dim() != 1
+            or list(norm._parameters) != ["weight"]
+            or eps is None
+        ):
             raise ValueError(
-                f"{type(norm).__name__} has no 1-D weight parameter and numeric eps; "
-                "FusedRMSNorm takes the LlamaRMSNorm layout"
+                f"{type(norm).__name__} has parameters {list(norm._parameters)} and eps "
+                f"{getattr(norm, 'eps', None)!r}; FusedRMSNorm takes the LlamaRMSNorm layout "
+                "(one 1-D weight, a numeric eps)"
             )
         new = cls(weight, eps)
         new.train(norm.training)
