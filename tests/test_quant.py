@@ -55,6 +55,25 @@ def test_zero_rows_and_outliers(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_values_at_and_next_to_rounding_ties(name):
+    """x / scale exactly on a half-integer, and one float32 step either side of it: where a
+    kernel that multiplies by 1 / scale (cpu) must still round as the division does. Rows of
+    tiny values (scale near float32's smallest) too."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.rand(64, 1, generator=g) * 3 + 0.01
+    halves = torch.randint(-127, 127, (64, 255), generator=g).float() + 0.5
+    row = (halves * scales).float()  # x / s lands on or next to k + 0.5
+    x = torch.cat([row, torch.nextafter(row, row + 1), torch.nextafter(row, row - 1)])
+    x[:, 0] = 127 * scales.repeat(3, 1)[:, 0]  # the row's maximum, so scale = the intended s
+    tiny = torch.randn(4, 255, generator=g) * 1e-39  # subnormal values: a scale below 1e-38
+    x = torch.cat([x, tiny]).to(DEVICE)
+    q, s = _run(x, name)
+    ref_q, ref_s = reference.quantize_per_token(x)
+    torch.testing.assert_close(s, ref_s, rtol=0, atol=0)
+    torch.testing.assert_close(q, ref_q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_non_contiguous_input(name):
     base = torch.randn(33, 4, 40, device=DEVICE, dtype=torch.float16)
     x = base.transpose(0, 1)  # (4, 33, 40), rows strided

@@ -160,6 +160,13 @@ class _FusedContainer(nn.Module):
         bound = inspect.signature(self.original.forward).bind(*args, **kwargs)
         return tuple(bound.arguments[n] for n in self._params[: self.N_INPUTS])
 
+    def _down(self, q, s, dtype) -> torch.Tensor:
+        """The down projection on the int8 output of the epilogue before it."""
+        down = self._role("down")
+        y = fops.int8_linear(q, s, down.weight, down.weight_scale, down.bias, out_dtype=dtype)
+        self._served("int8_linear")
+        return y
+
     def _served(self, op: str) -> None:
         if not torch.compiler.is_compiling():
             self.last_backend = backend.last_backend(op)
@@ -240,9 +247,7 @@ class FusedMLP(_FusedContainer):
             quantize_output=True,
             output_smooth_scale=down.smooth_scale,
         )
-        y = fops.int8_linear(q, s, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)
-        self._served("int8_linear")
-        return y
+        return self._down(q, s, x.dtype)
 
 
 class FusedGatedMLP(_FusedContainer):
@@ -305,6 +310,4 @@ class FusedGatedMLP(_FusedContainer):
             quantize_output=True,
             output_smooth_scale=down.smooth_scale,
         )
-        y = fops.int8_linear(q, s, down.weight, down.weight_scale, down.bias, out_dtype=x.dtype)
-        self._served("int8_linear")
-        return y
+        return self._down(q, s, x.dtype)
