@@ -208,8 +208,16 @@ def test_cpu_activations_elementwise_and_in_the_tails(act):
     x = torch.cat([torch.linspace(-14, 14, 100_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
     ones = torch.ones(x.numel(), 1, dtype=torch.int8)
     w, ws = torch.ones(1, 1, dtype=torch.int8), torch.ones(1)
-    # an int8 GEMM of ones scaled by x: the accumulator's scaled value is x exactly
-    y = _forced("cpu", int8_linear, ones, x, w, ws, None, torch.float32, activation=act)[:, 0]
+
+    # an int8 GEMM of ones scaled by x: the accumulator's scaled value is x exactly; a zero
+    # residual keeps the activation in the C++ pass (GELU alone goes to ATen's, in place)
+    def run(ones, x):
+        zero = torch.zeros(x.numel(), 1)
+        return _forced(
+            "cpu", int8_linear, ones, x, w, ws, None, torch.float32, activation=act, residual=zero
+        )
+
+    y = run(ones, x)[:, 0]
     xd = x.double()
     if act == "gelu":
         want = 0.5 * xd * torch.special.erfc(-xd / 2**0.5)
@@ -226,7 +234,7 @@ def test_cpu_activations_elementwise_and_in_the_tails(act):
     assert rel[~tiny].max() <= (2e-7 if act == "silu" else 3e-5), rel[~tiny].max()
     assert (y[tiny].double() - want[tiny]).abs().max() <= 1e-30
     special = torch.tensor([float("nan"), float("inf"), float("-inf")])
-    y = _forced("cpu", int8_linear, ones[:3], special, w, ws, None, torch.float32, activation=act)
+    y = run(ones[:3], special)
     # the limits; PyTorch's own gelu gives +inf or NaN at +inf depending on its code path
     want = torch.tensor([float("nan"), float("inf"), float("nan")])
     torch.testing.assert_close(y[:, 0], want, equal_nan=True)

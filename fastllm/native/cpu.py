@@ -154,6 +154,9 @@ def supports_fused(
     return reason or _int_mm_reason(x.shape[0], x.shape[1], w_int8.shape[0])
 
 
+_ATEN_GELU = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 def fused_linear(
     x, x_scale, w_int8, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
 ):
@@ -171,13 +174,20 @@ def fused_linear(
         out = acc.view(torch.float32)
     else:
         out = torch.empty((M, N), dtype=out_dtype)
+    # GELU alone on a float32 output: ATen's vectorized GELU in place after the C++ pass.
+    # Measured (MiniLM's intermediate, M = 960, N = 1536, K = 384, 2 threads): 2.51 ms
+    # against 2.79 ms with the C++ GELU in the pass (its erfc and exp cost more than a
+    # second pass over a block still in cache); with a residual, a gate or another dtype
+    # the C++ pass does it all (the activation must come before them, in float32).
+    alone = residual is None and out_dtype == torch.float32 and not gated
+    aten_act = _ATEN_GELU.get(act) if alone else None
     native.module().int8_fused_epilogue_cpu(
         acc.data_ptr(),
         cols,
         x_scale.data_ptr(),
         w_scale.data_ptr(),
         *bias_args(bias),
-        ACTIVATION_CODES[act],
+        ACTIVATION_CODES[None if aten_act else act],
         int(gated),
         residual.data_ptr() if residual is not None else 0,
         native.dtype_code(residual) if residual is not None else -1,
@@ -189,6 +199,8 @@ def fused_linear(
         N,
         torch.get_num_threads(),
     )
+    if aten_act:
+        torch.ops.aten.gelu_(out, approximate=aten_act)
     if not quantize:
         return out, None, None
     q, scale = quantize_per_token(out, out_smooth)
