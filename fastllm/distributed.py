@@ -520,15 +520,24 @@ def check_heads(shards: dict[str, LinearShard], dims: dict[str, int]) -> None:
         if hd is None:
             continue
         heads = (shard.out_features if shard.style == COLWISE else shard.in_features) // hd
-        bad = [r for r, (a, b) in enumerate(shard.ranges) if a % hd or b % hd]
-        if bad:
-            a, b = shard.ranges[bad[0]]
+        cut = _first_cut(shard, hd)
+        if cut is not None:
+            rank, a, b = cut
             raise ValueError(
                 f"layer {name!r}: {heads} attention heads (head_dim {hd}) do not divide by the "
-                f"tensor-parallel size {shard.size}: rank {bad[0]} would hold features [{a}:{b}], "
+                f"tensor-parallel size {shard.size}: rank {rank} would hold features [{a}:{b}], "
                 "part of a head; use a TP size that divides the number of heads (and of "
                 "key/value heads)"
             )
+
+
+def _first_cut(shard: LinearShard, unit: int) -> tuple[int, int, int] | None:
+    """(rank, start, stop) of the first rank whose features [start:stop) do not begin and
+    end on a multiple of `unit`; None if every shard is whole units."""
+    for rank, (a, b) in enumerate(shard.ranges):
+        if a % unit or b % unit:
+            return rank, a, b
+    return None
 
 
 def check_boundaries(name: str, shard: LinearShard, kind: str, block_size) -> None:
@@ -542,11 +551,11 @@ def check_boundaries(name: str, shard: LinearShard, kind: str, block_size) -> No
         along = ("output" if shard.style == COLWISE else "input") + f" features (blocks of {unit})"
     else:
         return
-    bad = [r for r, (a, b) in enumerate(shard.ranges) if a % unit or b % unit]
-    if bad:
-        a, b = shard.ranges[bad[0]]
+    cut = _first_cut(shard, unit)
+    if cut is not None:
+        rank, a, b = cut
         raise ValueError(
-            f"layer {name!r} ({shard.style}, {shard.size} ranks): rank {bad[0]} holds {along} "
+            f"layer {name!r} ({shard.style}, {shard.size} ranks): rank {rank} holds {along} "
             f"[{a}:{b}], a shard boundary that breaks {what}; use a TP size for which every "
             "shard is a whole number of them, or skip the layer"
         )

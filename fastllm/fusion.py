@@ -32,6 +32,7 @@ from fastllm.nn.fused import (
     FusedGatedMLP,
     FusedMLP,
     FusedRMSNorm,
+    _check_w8a8,
     _FusedContainer,
     _positional_params,
     rms_norm_eps,
@@ -138,12 +139,11 @@ def _candidates(container: nn.Module) -> tuple[list, str | None]:
     children = dict(container.named_children())
     if not any(isinstance(children[n], Int8Linear) for n in lins):
         return [], None
-    kinds = {f"{type(children[n]).__name__} {getattr(children[n], 'mode', '')}".strip()
-             for n in lins}  # fmt: skip
-    if kinds != {"Int8Linear w8a8"}:
-        return [], f"its linear layers are {sorted(kinds)}; the fused epilogues take w8a8 ones"
-    if any(children[n].tp is not None for n in lins):
-        return [], "a tensor-parallel shard (fused containers take whole layers)"
+    for n in lins:
+        try:
+            _check_w8a8(children[n], n)
+        except ValueError as e:
+            return [], str(e)
     device = children[lins[0]].weight.device
     act = None
     if len(acts) == 1:

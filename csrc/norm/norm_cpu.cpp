@@ -9,8 +9,8 @@
 //   quantized: z = float(y) / smooth; scale = amax|z| / 127 (1.0 where not > 0);
 //              q = clamp(round_half_even(z / scale), -127, 127)
 //
-// The quantization is quantize_per_token_cpu's arithmetic (IEEE divisions, the same
-// rounding), so the fused result equals norm followed by quantize_per_token bit for bit.
+// The quantization is quantize_per_token_cpu's own code (quant/quantize_row_cpu.h), so the
+// fused result equals norm followed by quantize_per_token bit for bit.
 // Sums run in float32 over 16 lanes (vectorizable without reassociation flags). The
 // reference is fastllm/reference/norm.py.
 #include <cmath>
@@ -20,6 +20,7 @@
 #include "cpu_utils.h"
 #include "dtype.h"
 #include "norm/norm.h"
+#include "quant/quantize_row_cpu.h"
 
 namespace fastllm {
 namespace {
@@ -84,33 +85,6 @@ FASTLLM_CPU_CLONES void layer_f32(float* v, float mean, float rstd, const float*
   }
 }
 
-FASTLLM_CPU_CLONES void divide_f32(float* v, const float* s, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) v[j] = v[j] / s[j];
-}
-
-FASTLLM_CPU_CLONES uint32_t absmax_bits_f32(const float* x, int64_t n) {
-  uint32_t m = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t u;
-    std::memcpy(&u, x + j, sizeof u);
-    u &= 0x7fffffffu;
-    m = u > m ? u : m;
-  }
-  return m;
-}
-
-// quantize_per_token_cpu's rounding, element for element.
-FASTLLM_CPU_CLONES void quantize_f32(const float* x, int64_t n, float s, int8_t* q) {
-  for (int64_t j = 0; j < n; ++j) {
-    float v = x[j] / s;
-    v = v > 127.0f ? 127.0f : v;
-    v = v < -127.0f ? -127.0f : v;
-    v = v == v ? v : 0.0f;
-    v = (v + 12582912.0f) - 12582912.0f;
-    q[j] = static_cast<int8_t>(static_cast<int32_t>(v));
-  }
-}
-
 struct Args {
   const char* x;
   const char* r;
@@ -156,11 +130,8 @@ void norm_row(const Args& a, int64_t row) {
     return;
   }
   round_to(a.dtype, h, n);  // y as the unfused op would hand it to quantize_per_token
-  if (a.smooth != nullptr) divide_f32(h, a.smooth, n);
-  float s = cpu::bits_float(absmax_bits_f32(h, n)) / 127.0f;
-  s = s > 0.0f ? s : 1.0f;
-  quantize_f32(h, n, s, a.q + row * n);
-  a.scale[row] = s;
+  if (a.smooth != nullptr) quant_cpu::divide_f32(h, a.smooth, n, h);
+  a.scale[row] = quant_cpu::quantize_row_f32(h, n, a.q + row * n);
 }
 
 }  // namespace

@@ -15,24 +15,15 @@
 #include "cpu_utils.h"
 #include "dtype.h"
 #include "quant/quant.h"
+#include "quant/quantize_row_cpu.h"
 
 namespace fastllm {
 namespace {
 
 using cpu::CHUNK;
-
-// max |x| as a bit pattern: non-negative floats order like their bits, and an integer
-// max vectorizes where a float one (NaN rules) does not. A NaN wins, as in PyTorch.
-FASTLLM_CPU_CLONES uint32_t absmax_bits_f32(const float* x, int64_t n) {
-  uint32_t m = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t u;
-    std::memcpy(&u, x + j, sizeof u);
-    u &= 0x7fffffffu;
-    m = u > m ? u : m;
-  }
-  return m;
-}
+using quant_cpu::divide_f32;
+using quant_cpu::quantize_f32;
+using quant_cpu::scale_of;
 
 // The same for 16-bit floats (bfloat16 and float16 both order like their bits).
 FASTLLM_CPU_CLONES uint16_t absmax_bits_16(const uint16_t* x, int64_t n) {
@@ -42,30 +33,6 @@ FASTLLM_CPU_CLONES uint16_t absmax_bits_16(const uint16_t* x, int64_t n) {
     m = u > m ? u : m;
   }
   return m;
-}
-
-// q = clamp(round(x / s)); the IEEE division, as the reference does it (no reciprocal).
-FASTLLM_CPU_CLONES void quantize_f32(const float* x, int64_t n, float s, int8_t* q) {
-  for (int64_t j = 0; j < n; ++j) {
-    float v = x[j] / s;
-    v = v > 127.0f ? 127.0f : v;  // a NaN passes both unchanged
-    v = v < -127.0f ? -127.0f : v;
-    v = v == v ? v : 0.0f;  // NaN (unspecified by the op) -> 0, never undefined behaviour
-    // round half to even: adding 1.5 * 2^23 leaves no bits below 1, and the float
-    // addition rounds to nearest even (|v| <= 127, far inside the exact range)
-    v = (v + 12582912.0f) - 12582912.0f;
-    q[j] = static_cast<int8_t>(static_cast<int32_t>(v));
-  }
-}
-
-// y = x / s elementwise (SmoothQuant's run-time factor, one per column).
-FASTLLM_CPU_CLONES void divide_f32(const float* x, const float* s, int64_t n, float* y) {
-  for (int64_t j = 0; j < n; ++j) y[j] = x[j] / s[j];
-}
-
-float scale_of(float amax) {
-  const float s = amax / 127.0f;
-  return s > 0.0f ? s : 1.0f;  // all-zero row, an amax so small it underflows, or NaN
 }
 
 // The row as float32: x itself, or converted (and divided by `smooth`) into `buf`.
@@ -102,9 +69,7 @@ void quantize_row(const void* row, DType dtype, int64_t cols, const float* smoot
   }
   thread_local std::vector<float> buf;  // one row of float32, per thread
   const float* y = row_as_float(row, dtype, cols, smooth, buf);
-  const float s = scale_of(cpu::bits_float(absmax_bits_f32(y, cols)));
-  quantize_f32(y, cols, s, q);
-  *scale = s;
+  *scale = quant_cpu::quantize_row_f32(y, cols, q);
 }
 
 }  // namespace

@@ -143,6 +143,7 @@ class _FusedContainer(nn.Module):
         self.activation = activation
         # not a submodule: its children are these, and its state would be saved twice
         self.__dict__["original"] = container
+        self._signature = inspect.signature(container.forward)
         self._params = [p.name for p in _positional_params(container)]
         self.train(container.training)
         self.last_backend: str | None = None
@@ -157,7 +158,7 @@ class _FusedContainer(nn.Module):
         """The tensors the container's forward takes, positionally or by name."""
         if not kwargs and len(args) == self.N_INPUTS:
             return args
-        bound = inspect.signature(self.original.forward).bind(*args, **kwargs)
+        bound = self._signature.bind(*args, **kwargs)
         return tuple(bound.arguments[n] for n in self._params[: self.N_INPUTS])
 
     def _down(self, q, s, dtype) -> torch.Tensor:
@@ -272,13 +273,12 @@ class FusedGatedMLP(_FusedContainer):
             )
         if (gate.bias is None) != (up.bias is None):
             raise ValueError("one of gate and up has a bias and the other not")
-        for name in ("smooth_scale",):
-            a, b = getattr(gate, name), getattr(up, name)
-            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
-                raise ValueError(
-                    "gate and up have different SmoothQuant factors (smoothed at run time "
-                    "one by one); the gated GEMM quantizes their shared input once"
-                )
+        a, b = gate.smooth_scale, up.smooth_scale
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            raise ValueError(
+                "gate and up have different SmoothQuant factors (smoothed at run time "
+                "one by one); the gated GEMM quantizes their shared input once"
+            )
         self._tie()
 
     def _tie(self) -> None:
