@@ -79,6 +79,46 @@ def test_need_weights_is_pytorchs():
     assert rel_err(b, a) < 1e-5 and rel_err(wb, wa) < 1e-5
 
 
+@pytest.mark.parametrize("masks", ["none", "padding", "float"])
+def test_need_weights_on_int8_projections(masks):
+    # after optimize, q/k/v/out_proj are W8A8 layers whose weights are int8 buffers: the
+    # weights path runs the module's own projections, as the fused path does
+    mha, fused = _pair(False)
+    x = _x(False)
+    kpm = torch.zeros(3, 7, dtype=torch.bool, device=DEVICE)
+    kpm[2, 3:] = True
+    kw = {
+        "none": {},
+        "padding": {"key_padding_mask": kpm},
+        "float": {"attn_mask": torch.randn(7, 7, device=DEVICE)},
+    }[masks]
+    model = nn.Sequential(fused)
+    fastllm.optimize(model, linear="w8a8")
+    assert type(fused.q_proj).__name__ != "Linear"
+    with torch.no_grad():
+        expect, expect_w = mha(x, x, x, **kw)
+        out, weights = fused(x, x, x, **kw)
+        per_head = fused(x, x, x, average_attn_weights=False, **kw)[1]
+        fused_out, none = fused(x, x, x, need_weights=False, **kw)
+    assert none is None and weights.shape == expect_w.shape and per_head.shape == (3, 4, 7, 7)
+    assert rel_err(out, fused_out) < 1e-5  # the same projections, the same attention
+    assert rel_err(out, expect) < 0.05 and rel_err(weights, expect_w) < 0.05  # int8 error
+    assert torch.allclose(per_head.mean(dim=1), weights)
+
+
+def test_need_weights_with_is_causal_alone_is_causal():
+    # nn.MultiheadAttention wants attn_mask with is_causal; this module takes is_causal alone
+    # as the causal mask on every path, the weights path included
+    _, fused = _pair(False)
+    x = _x(False)
+    with torch.no_grad():
+        out, weights = fused(x, x, x, is_causal=True)
+        expect, _ = fused(x, x, x, need_weights=False, is_causal=True)
+    assert rel_err(out, expect) < 1e-5
+    keep = torch.ones(7, 7, dtype=torch.bool, device=DEVICE).tril()
+    assert torch.all(weights[:, ~keep] == 0) and torch.all(weights[:, keep] > 0)
+
+
 @pytest.mark.parametrize("name", [n for n in available_backends("attention") if n != "reference"])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_half_on_each_backend(name, batch_first):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,8 +22,9 @@ class FusedMultiheadAttention(nn.Module):
         the causal mask): ``fastllm.ops.attention`` (the fused kernels where they apply);
       - ``key_padding_mask`` or an ``attn_mask`` without is_causal (any bool or float mask,
         which no kernel takes): the torch backend, SDPA with the merged additive mask;
-      - ``need_weights=True`` (PyTorch's default) or dropout while training: PyTorch's own
-        ``multi_head_attention_forward``, as the weights are asked for.
+      - ``need_weights=True`` (PyTorch's default) or dropout while training: PyTorch's
+        computation (``multi_head_attention_forward``'s order of operations) on the module's
+        own projections, which may be fastllm's int8 or sparse layers after ``optimize``.
     Pass ``need_weights=False`` to get the fused path. Returns (output, weights or None).
     Not supported (rejected by from_module): add_bias_kv, add_zero_attn.
 
@@ -109,38 +112,39 @@ class FusedMultiheadAttention(nn.Module):
             f"batch_first={self.batch_first}"
         )
 
-    def _torch_forward(
+    def _forward_with_weights(
         self, query, key, value, key_padding_mask, need_weights, attn_mask, avg, is_causal
     ):
-        # (L, N, E) layout, as multi_head_attention_forward wants
-        bias = None
-        if self.q_proj.bias is not None:
-            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        return F.multi_head_attention_forward(
-            query,
-            key,
-            value,
-            self.embed_dim,
-            self.num_heads,
-            None,
-            bias,
-            None,
-            None,
-            False,
-            self.dropout,
-            self.out_proj.weight,
-            self.out_proj.bias,
-            training=self.training,
-            key_padding_mask=key_padding_mask,
-            need_weights=need_weights,
-            attn_mask=attn_mask,
-            use_separate_proj_weight=True,
-            q_proj_weight=self.q_proj.weight,
-            k_proj_weight=self.k_proj.weight,
-            v_proj_weight=self.v_proj.weight,
-            average_attn_weights=avg,
-            is_causal=is_causal,
-        )
+        """PyTorch's multi_head_attention_forward when the weights are asked for (or dropout
+        acts), on this module's own projections, whatever fastllm swapped them into (their
+        weights may be int8 buffers): softmax(q / sqrt(d) k^T + mask) in the input dtype,
+        dropout while training, P v, out_proj. (L, N, E) in and out. is_causal without an
+        attn_mask is the top-left causal mask, as on the fused path."""
+        lq, batch, _ = query.shape
+        lk = key.shape[0]
+        bh, d = batch * self.num_heads, self.head_dim
+        q = self.q_proj(query).view(lq, bh, d).transpose(0, 1)
+        k = self.k_proj(key).view(lk, bh, d).transpose(0, 1)
+        v = self.v_proj(value).view(lk, bh, d).transpose(0, 1)
+        causal = is_causal and attn_mask is None
+        scores_t = k.transpose(1, 2)
+        q = q * math.sqrt(1.0 / d)  # as PyTorch scales it
+        if attn_mask is None and key_padding_mask is None and not causal:
+            weights = torch.bmm(q, scores_t)
+        else:
+            mask = self._additive_mask(
+                attn_mask, key_padding_mask, batch, lq, lk, q.dtype, causal, q.device
+            )
+            weights = torch.baddbmm(mask.view(bh, lq, lk), q, scores_t)
+        weights = torch.softmax(weights, dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, p=self.dropout)
+        o = torch.bmm(weights, v).transpose(0, 1).reshape(lq, batch, self.embed_dim)
+        out = self.out_proj(o)
+        if not need_weights:
+            return out, None
+        weights = weights.view(batch, self.num_heads, lq, lk)
+        return out, (weights.mean(dim=1) if avg else weights)
 
     def _local_heads(self) -> tuple[int, int] | None:
         """[first, last) of the heads this rank serves when q_proj is a tensor-parallel
@@ -205,7 +209,7 @@ class FusedMultiheadAttention(nn.Module):
                 "pass need_weights=False (and no dropout while training)"
             )
         if need_weights or (self.training and self.dropout > 0):
-            out, weights = self._torch_forward(
+            out, weights = self._forward_with_weights(
                 query,
                 key,
                 value,
@@ -213,7 +217,7 @@ class FusedMultiheadAttention(nn.Module):
                 need_weights,
                 attn_mask,
                 average_attn_weights,
-                is_causal and attn_mask is not None,
+                is_causal,
             )
         else:
             weights = None
