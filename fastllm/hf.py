@@ -143,6 +143,12 @@ class SegmentMask:
     of a layer that cannot decode).
     """
 
+    # generate() with a compileable (static) cache builds each step's mask before the
+    # forward pass and hands it to the model as its attention_mask; transformers reads its
+    # ndim (2 would be a padding mask to convert) and passes it on to the mask function,
+    # which returns it as it is (`attention_mask` below)
+    ndim = 4
+
     def __init__(
         self,
         cu_seqlens_q,
@@ -302,6 +308,16 @@ def attention_mask(
         )
 
     kind = _mask_kind(mask_function, local_size, use_vmap)
+    if isinstance(attention_mask, SegmentMask):  # prepared for this step (see ndim)
+        got = (attention_mask.q_len, attention_mask.kv_len)
+        got_kind = (attention_mask.causal, attention_mask.window_left)
+        if got != (q_length, kv_length) or got_kind != kind:
+            raise ValueError(
+                f"attention_mask is a prepared {attention_mask!r}, but this layer asks for "
+                f"q_len={q_length}, kv_len={kv_length} and (causal, window_left)={kind}; "
+                "expected the mask prepared for this forward pass and this kind of layer"
+            )
+        return attention_mask
     if kind is None:
         return sdpa_mask()
     causal, window_left = kind

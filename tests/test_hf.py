@@ -297,6 +297,39 @@ def test_static_cache_without_mask():
     assert {op for op, _ in calls} == {"decode_attention"}  # 6 and 1 queries, 16 slots
 
 
+def test_generate_with_a_static_cache():
+    # generate() with a static cache prepares each step's mask (a SegmentMask) before the
+    # forward pass and hands it to the model as its attention_mask (it failed on .ndim)
+    model = _llama()
+    ids, mask = _padded([4, 9, 7], "left", 9)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, cache_implementation="static", **kw)
+        fastllm.optimize(model)
+        with fastllm.backend.trace() as calls:
+            out = model.generate(ids, attention_mask=mask, cache_implementation="static", **kw)
+    assert torch.equal(out, ref)
+    assert [op for op, _ in calls] == ["decode_attention"] * 2 * 6  # 2 layers, 6 steps
+    # and compiled, what a static cache is for
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled = model.generate(ids, attention_mask=mask, cache_implementation="static", **kw)
+    assert torch.equal(compiled, ref)
+
+
+def test_prepared_mask_of_another_step_is_refused():
+    import transformers.masking_utils as mu
+
+    from fastllm import hf
+
+    prepared = hf.SegmentMask(None, None, 1, 16, True, -1)
+    kw = {"batch_size": 2, "kv_length": 16, "mask_function": mu.causal_mask_function}
+    assert hf.attention_mask(q_length=1, attention_mask=prepared, **kw) is prepared
+    with pytest.raises(ValueError, match="q_len=4, kv_len=16"):
+        hf.attention_mask(q_length=4, attention_mask=prepared, **kw)
+
+
 def test_compile_fullgraph_padded_decode_step():
     model = _llama()
     fastllm.optimize(model)
