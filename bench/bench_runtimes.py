@@ -37,8 +37,14 @@ last CPU this process may use, stopped when the phase ends and in any case after
 HOG_LIMIT_S seconds) while the same rounds run again; the table gives each contender's
 quiet and contended time and their ratio, the slowdown.
 
-OpenMP settings such as OMP_WAIT_POLICY are read once, when the OpenMP runtime starts, so
---sweep runs the benchmark again in a fresh process for each setting of SETTINGS.
+The table also gives each contender's minor page faults per call (the process's, over the
+timed calls): eager PyTorch allocates every intermediate tensor afresh, and when glibc's
+malloc has handed the freed blocks of a few MB back to the system, each page is faulted in
+(and zeroed) again on its next use; the runtimes plan their memory once.
+
+OpenMP settings such as OMP_WAIT_POLICY are read once, when the OpenMP runtime starts, and
+glibc's MALLOC_* settings when malloc starts, so --sweep runs the benchmark again in a
+fresh process for each setting of SETTINGS.
 """
 
 from __future__ import annotations
@@ -88,6 +94,10 @@ SETTINGS = {
     "GOMP_SPINCOUNT=0": ({"GOMP_SPINCOUNT": "0"}, []),
     "threads=1": ({}, ["--threads", "1"]),
     "FASTLLM_BACKEND=torch": ({"FASTLLM_BACKEND": "torch"}, []),
+    "MALLOC_MMAP/TRIM_THRESHOLD_": (
+        {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"},
+        [],
+    ),
 }
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -364,19 +374,39 @@ class Hog:
 # --- timing -------------------------------------------------------------------------------
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (every thread), or None where the resource
+    module is missing. A fault is a page the kernel hands out (zeroed) on first touch: what a
+    tensor allocated from memory the allocator had returned to the system costs."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 @torch.no_grad()
-def alternate(models: dict, batch: dict, rounds: int, warmup: int = 2) -> dict[str, list]:
+def alternate(
+    models: dict, batch: dict, rounds: int, warmup: int = 2, faults: dict | None = None
+) -> dict[str, list]:
     """Milliseconds of each model(**batch) per round; the models take turns in each round,
-    so that a change of load during the run slows them all alike."""
+    so that a change of load during the run slows them all alike. `faults`, when given,
+    receives each model's minor page faults per call (mean over the rounds)."""
     for model in models.values():
         for _ in range(warmup):
             model(**batch)
     times: dict[str, list[float]] = {name: [] for name in models}
+    counted: dict[str, int] = dict.fromkeys(models, 0)
     for _ in range(rounds):
         for name, model in models.items():
+            f0 = minor_faults()
             t0 = time.perf_counter()
             model(**batch)
             times[name].append((time.perf_counter() - t0) * 1e3)
+            if f0 is not None:
+                counted[name] += minor_faults() - f0
+    if faults is not None and minor_faults() is not None:
+        faults.update({name: n / rounds for name, n in counted.items()})
     return times
 
 
@@ -427,15 +457,16 @@ def measure(args) -> dict:
     for phase, hog_cls in phases.items():
         if phase == "quiet":
             load["before_quiet"] = wait_quiet(args.wait_quiet)
+        faults: dict[str, float] = {}
         if hog_cls is None:
             with LoadMeter() as meter:
-                times = alternate(models, timed, rounds)
+                times = alternate(models, timed, rounds, faults=faults)
         else:
             with hog_cls() as hog, LoadMeter(hog.proc.pid) as meter:
-                times = alternate(models, timed, rounds)
+                times = alternate(models, timed, rounds, faults=faults)
         load[phase] = meter.result
         for name, ms in times.items():
-            rows[name][phase] = _stats(ms)
+            rows[name][phase] = {**_stats(ms), "faults": faults.get(name)}
     for row in rows.values():
         row["x_fp32"] = (
             rows["pytorch-fp32"]["quiet"]["ms"] / row["quiet"]["ms"]
@@ -448,7 +479,16 @@ def measure(args) -> dict:
         "setting": args.setting,
         "env": {
             k: os.environ.get(k)
-            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "FASTLLM_BACKEND")
+            for k in (
+                "OMP_WAIT_POLICY",
+                "GOMP_SPINCOUNT",
+                "OMP_NUM_THREADS",
+                "FASTLLM_BACKEND",
+                "MALLOC_MMAP_THRESHOLD_",
+                "MALLOC_TRIM_THRESHOLD_",
+                "GLIBC_TUNABLES",
+                "LD_PRELOAD",
+            )
         },
         "threads": threads,
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -501,7 +541,7 @@ def _load_line(result: dict) -> str:
 
 def table(result: dict) -> str:
     contended = any("contended" in r for r in result["rows"])
-    head = ["contender", "ms", "× fp32", "cosine mean / min"]
+    head = ["contender", "ms", "× fp32", "cosine mean / min", "page faults / call"]
     if contended:
         head += ["contended ms", "slowdown"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -512,6 +552,7 @@ def table(result: dict) -> str:
             f"{q['ms']:.1f} ({q['ms_min']:.0f}–{q['ms_max']:.0f})",
             f"{r['x_fp32']:.2f}" if r["x_fp32"] else "",
             f"{r['cos_mean']:.4f} / {r['cos_min']:.4f}",
+            f"{q['faults']:.0f}" if q.get("faults") is not None else "",
         ]
         if contended:
             c = r["contended"]
@@ -521,7 +562,7 @@ def table(result: dict) -> str:
             ]
         lines.append("| " + " | ".join(cells) + " |")
     for name, why in result["skipped"].items():
-        lines.append(f"| {name} | skipped: {why} | | |" + (" | |" if contended else ""))
+        lines.append(f"| {name} | skipped: {why} | | | |" + (" | |" if contended else ""))
     return "\n".join(lines) + "\n\n" + _load_line(result)
 
 

@@ -39,6 +39,42 @@ def _openmp_line() -> str:
     return f"OMP_WAIT_POLICY={policy or 'unset'}, GOMP_SPINCOUNT={spin or 'unset'} (set by you)"
 
 
+MALLOC_REMEDY = "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824"
+
+
+def _malloc_line() -> str:
+    """How freed tensors go back to the system. Eager PyTorch allocates every intermediate
+    tensor afresh; glibc's malloc (the default on Linux) may hand freed blocks of a few MB
+    back to the system, and then every page of the next such tensor is faulted in and zeroed
+    again. Whether it does depends on the history of the heap: measured on MiniLM w8a8 (2
+    threads), some processes took 3 page faults per forward and others 13,000-17,000, which
+    cost 25-30 ms of a 50 ms forward (bench/bench_runtimes.py gives faults per call). Read
+    at start-up only: fastllm never sets it."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc: nothing to say"
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            return f"{name} preloaded (LD_PRELOAD, set by you)"
+    ours = [
+        f"{k}={os.environ[k]}"
+        for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+        if k in os.environ
+    ]
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc." in tunables:
+        ours.append(f"GLIBC_TUNABLES={tunables}")
+    if ours:
+        return f"glibc malloc, {', '.join(ours)} (set by you)"
+    return (
+        "glibc malloc with its defaults: freed tensors of a few MB may go back to the system "
+        "and be page-faulted in again on the next forward (on MiniLM w8a8, 13,000-17,000 "
+        f"faults and +25-30 ms per forward in some processes). Start Python with {MALLOC_REMEDY} "
+        "(freed blocks under 32 MB stay in the process, up to 1 GB of them kept) or "
+        "preload jemalloc/tcmalloc"
+    )
+
+
 def _transformers_line() -> str:
     """transformers' version, and whether fastllm's quantizer is in its registry (what
     from_pretrained of a fastllm checkpoint and `fastllm serve` need)."""
@@ -110,6 +146,7 @@ def report() -> list[str]:
     else:
         lines.append(f"cpu kernels  not available: {cpu_reason}")
     lines.append(f"openmp       {_openmp_line()}")
+    lines.append(f"malloc       {_malloc_line()}")
     lines.append(f"transformers {_transformers_line()}")
     lines.append(f"distributed  {_distributed_line()}")
     forced = backend.forced_backend()

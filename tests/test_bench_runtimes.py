@@ -45,7 +45,7 @@ def test_hog_is_always_stopped():
 
 
 def test_table_from_a_result():
-    stats = {"ms": 10.0, "ms_min": 9.0, "ms_max": 12.0, "runs": 3}
+    stats = {"ms": 10.0, "ms_min": 9.0, "ms_max": 12.0, "runs": 3, "faults": 1234.4}
     row = {
         "contender": "pytorch-fp32",
         "cos_mean": 1.0,
@@ -69,9 +69,33 @@ def test_table_from_a_result():
         "skipped": {"ov-bf16": "no bf16"},
     }
     text = br.table(result)
-    assert "| pytorch-fp32 | 10.0 (9–12) | 1.00 | 1.0000 / 1.0000 | 15.0 (14–16) | 1.50 |" in text
+    row_text = (
+        "| pytorch-fp32 | 10.0 (9–12) | 1.00 | 1.0000 / 1.0000 | 1234 | 15.0 (14–16) | 1.50 |"
+    )
+    assert row_text in text
     assert "ov-bf16 | skipped: no bf16" in text and "threads 2 of 2 CPUs" in text
     assert "| default | 2 | pytorch-fp32 | 10.0 | 15.0 | 1.50 |" in br.sweep_table([result])
+
+
+def test_alternate_counts_page_faults_per_call():
+    import mmap
+
+    if br.minor_faults() is None:
+        pytest.skip("no resource module here")
+    pages = 1024
+
+    def touches_fresh_memory(**batch):
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE)  # anonymous: every page faults on first touch
+        for i in range(pages):
+            m[i * mmap.PAGESIZE] = 1
+        m.close()
+
+    faults = {}
+    times = br.alternate(
+        {"fresh": touches_fresh_memory, "idle": lambda **batch: None}, {}, 3, faults=faults
+    )
+    assert len(times["fresh"]) == len(times["idle"]) == 3
+    assert faults["fresh"] >= pages and faults["idle"] < pages / 10
 
 
 @pytest.mark.slow

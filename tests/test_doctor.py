@@ -51,3 +51,19 @@ def test_doctor_says_how_openmp_threads_wait(monkeypatch):
     assert "openmp       OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=unset (set by you)" in "\n".join(
         doctor.report()
     )
+
+
+def test_doctor_says_how_freed_memory_goes_back(monkeypatch):
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert "malloc       not glibc" in "\n".join(doctor.report())
+        return
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(k, raising=False)
+    assert doctor.MALLOC_REMEDY in "\n".join(doctor.report())
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    text = "\n".join(doctor.report())
+    assert "malloc       glibc malloc, MALLOC_TRIM_THRESHOLD_=1073741824 (set by you)" in text
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert "malloc       jemalloc preloaded" in "\n".join(doctor.report())
