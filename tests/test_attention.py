@@ -343,6 +343,26 @@ def test_cpu_kernel_clamps_unvalidated_cu_seqlens():
     assert torch.equal(out, one[0])
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="fastllm._C (C++ CPU kernels) is not built")
+def test_cpu_kernel_fills_rows_outside_every_sequence():
+    # the cpu launcher allocates out and lse without filling them: the kernel writes 0 and
+    # -inf to packed rows that no sequence covers (unvalidated cu_seqlens), whatever the
+    # memory held before (freed NaN blocks of the same size are likely to be reused)
+    q = torch.randn(9, 2, 16)
+    for cu, rows in (([2, 5], [0, 1, 5, 6, 7, 8]), ([0, 3, 3, 6], [6, 7, 8])):
+        for _ in range(3):
+            torch.full((9, 2, 16), float("nan"))  # freed at once
+        cu = torch.tensor(cu, dtype=torch.int32)
+        out, lse = _run("cpu", fastllm.ops.attention, q, q, q, cu_seqlens_q=cu,
+                        cu_seqlens_k=cu, max_seqlen_q=9, max_seqlen_k=9, validate=False,
+                        return_lse=True)  # fmt: skip
+        outside = torch.zeros(9, dtype=torch.bool)
+        outside[rows] = True
+        assert torch.equal(out[outside], torch.zeros_like(out[outside]))
+        assert (lse[:, outside] == float("-inf")).all()
+        assert torch.isfinite(out[~outside]).all() and torch.isfinite(lse[:, ~outside]).all()
+
+
 @pytest.mark.skipif(
     "cpu" not in DECODE_BACKENDS, reason="fastllm._C (C++ CPU kernels) is not built"
 )

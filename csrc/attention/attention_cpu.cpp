@@ -389,6 +389,32 @@ void run_tasks(int64_t n_tasks, int64_t work, int threads, F&& task) {
   for (int64_t i = 0; i < n_tasks; ++i) task(i, w);
 }
 
+// Packed rows that no sequence covers (cu_seqlens that stop short of total_q, or that were
+// not validated) get out = 0 and lse = -inf, as rows without keys do, so that the caller
+// need not fill the whole output first. `segment` clamps each sequence's rows.
+template <class Segment>
+void fill_uncovered_rows(const PrefillArgs& a, DType dtype, const int32_t* cu_q,
+                         Segment&& segment) {
+  std::vector<char> covered(static_cast<size_t>(a.total_q), 0);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    int64_t start, len;
+    segment(cu_q, b, a.total_q, start, len);
+    std::memset(covered.data() + start, 1, static_cast<size_t>(len));
+  }
+  const size_t esize = dtype == DType::kFloat32 ? 4 : 2;
+  char* ob = reinterpret_cast<char*>(a.out);
+  float* lse = reinterpret_cast<float*>(a.lse);
+  for (int64_t t = 0; t < a.total_q; ++t) {
+    if (covered[t]) continue;
+    for (int64_t h = 0; h < a.heads_q; ++h) {
+      std::memset(ob + (t * a.o_stride_s + h * a.o_stride_h) * esize, 0, a.head_dim * esize);
+      if (lse != nullptr) {
+        lse[h * a.lse_stride_h + t * a.lse_stride_row] = -std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+}
+
 }  // namespace
 
 const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int threads) {
@@ -437,6 +463,7 @@ const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int thre
   };
   const int64_t work = n_tasks * BLOCK_Q * a.head_dim;
   run_tasks(n_tasks, work, threads, task);
+  if (varlen) fill_uncovered_rows(a, dtype, cu_q, segment);
   return nullptr;
 }
 

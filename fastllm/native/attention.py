@@ -188,17 +188,32 @@ def supports_decode(
 
 
 def prefill_arguments(
-    q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
+    q,
+    k,
+    v,
+    causal,
+    scale,
+    window_left,
+    window_right,
+    softcap,
+    cu_q,
+    cu_k,
+    mq,
+    mk,
+    return_lse,
+    kernel_fills_gaps=False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """The output, the lse (or None) and the keyword arguments of the prefill kernels (CUDA
     and CPU alike; see csrc/attention/attention.h) for one call of fastllm.ops.attention.
     q (B, Sq, Hq, D) or packed (Tq, Hq, D) with cu_seqlens; out has q's shape (contiguous),
-    lse is float32 (B, Hq, Sq) or (Hq, Tq)."""
+    lse is float32 (B, Hq, Sq) or (Hq, Tq). kernel_fills_gaps: the kernel itself writes the
+    packed rows that no sequence covers (the CPU one does), so out and lse need no fill."""
     varlen = cu_q is not None
     heads_q, head_dim = q.shape[-2], q.shape[-1]
     heads_kv = k.shape[-2]
     # varlen: packed rows that no sequence covers (cu_seqlens left unchecked) stay 0, -inf
-    alloc = torch.zeros if varlen else torch.empty
+    fill = varlen and not kernel_fills_gaps
+    alloc = torch.zeros if fill else torch.empty
     out = alloc(q.shape, dtype=q.dtype, device=q.device)
     if varlen:
         batch, total_q = cu_q.shape[0] - 1, q.shape[0]
@@ -219,7 +234,7 @@ def prefill_arguments(
     lse = None
     if return_lse:
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-        if varlen:
+        if fill:
             lse.fill_(float("-inf"))
     left, right = _window(causal, window_left, window_right)
     kwargs = dict(

@@ -298,9 +298,9 @@ def attention(
 
     if cu_q is not None:
         cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
-    out, lse, kwargs = prefill_arguments(
-        q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk, return_lse
-    )
+    args = (q, k, v, causal, scale, window_left, window_right, softcap, cu_q, cu_k, mq, mk)
+    # the kernel writes 0 and -inf to packed rows outside every sequence itself
+    out, lse, kwargs = prefill_arguments(*args, return_lse, kernel_fills_gaps=True)
     if q.numel() == 0:
         return out, lse
     native.module().attention_prefill_cpu(**kwargs, threads=torch.get_num_threads())

@@ -102,20 +102,29 @@ def check_cu_seqlens(
 ) -> None:
     """cu: prefix sums of the lengths of sequences packed into `total` tokens (None: not
     checked). padded: the sequences may stop short of `total` (a padded batch)."""
-    lengths = cu[1:] - cu[:-1]
-    if cu[0].item() != 0 or (lengths < 0).any().item():
+    if _small_cpu(cu):  # one read into a list: a padded batch's attention checks it per layer
+        values = cu.tolist()
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        first, end = values[0], values[-1]
+        decreasing = any(n < 0 for n in lengths)
+        longest = max(lengths, default=0)
+    else:
+        diffs = cu[1:] - cu[:-1]
+        first, end = cu[0].item(), cu[-1].item()
+        decreasing = bool((diffs < 0).any().item())
+        longest = diffs.max().item() if diffs.numel() else 0
+    if first != 0 or decreasing:
         raise ValueError(
             f"{name} = {cu.tolist()} must start at 0 and never decrease (prefix sums of lengths)"
         )
-    end = cu[-1].item()
     if total is not None and (end > total if padded else end != total):
         raise ValueError(
             f"{name} ends at {end} but the packed tensor has {total} tokens; expected "
             + ("at most that many" if padded else "equal")
         )
-    if lengths.numel() and lengths.max().item() > max_seqlen:
+    if longest > max_seqlen:
         raise ValueError(
-            f"{name} holds a sequence of {lengths.max().item()} tokens, longer than the "
+            f"{name} holds a sequence of {longest} tokens, longer than the "
             f"given max_seqlen {max_seqlen}"
         )
 
