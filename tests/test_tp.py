@@ -94,8 +94,19 @@ def _entry(rank: int, world: int, port: int, fn, kwargs: dict) -> None:
     )
     try:
         fn(rank, world, **kwargs)
+        _settle()
     finally:
         dist.destroy_process_group()
+
+
+def _settle(timeout_s: float = 10) -> None:
+    """Every rank past its last collective before any tears the group down (a rank once
+    aborted in gloo's teardown: "terminate called without an active exception"). Bounded:
+    a group that a deliberately failing rank left behind may never complete it."""
+    try:
+        dist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:
+        pass
 
 
 def run_ranks(fn, world: int = 2, timeout: float = 300, **kwargs) -> None:
