@@ -29,7 +29,8 @@ namespace quant_cpu {
 // q = clamp(round(x / s)); the IEEE division, as the reference does it. Written so that
 // GCC vectorizes it without mask juggling: the NaN test kept as a flag, the clamps as
 // min/max, the rounding as rint (round half to even in the default rounding mode; one
-// vcvtps2dq) -- 2.5x faster than clamping after a magic-number rounding, same bits.
+// vcvtps2dq): the loop alone about twice as fast as clamping before a magic-number
+// rounding (960 x 384 on one AVX-512 core: 105 -> 54 us), the same bits.
 [[maybe_unused]] FASTLLM_CPU_CLONES static void quantize_f32(const float* x, int64_t n, float s,
                                                              int8_t* q) {
   for (int64_t j = 0; j < n; ++j) {

@@ -127,15 +127,15 @@ class FusedMultiheadAttention(nn.Module):
         k = self.k_proj(key).view(lk, bh, d).transpose(0, 1)
         v = self.v_proj(value).view(lk, bh, d).transpose(0, 1)
         causal = is_causal and attn_mask is None
-        scores_t = k.transpose(1, 2)
+        kt = k.transpose(1, 2)
         q = q * math.sqrt(1.0 / d)  # as PyTorch scales it
         if attn_mask is None and key_padding_mask is None and not causal:
-            weights = torch.bmm(q, scores_t)
+            weights = torch.bmm(q, kt)
         else:
             mask = self._additive_mask(
                 attn_mask, key_padding_mask, batch, lq, lk, q.dtype, causal, q.device
             )
-            weights = torch.baddbmm(mask.view(bh, lq, lk), q, scores_t)
+            weights = torch.baddbmm(mask.view(bh, lq, lk), q, kt)
         weights = torch.softmax(weights, dim=-1)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, p=self.dropout)
