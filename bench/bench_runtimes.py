@@ -65,6 +65,11 @@ from types import SimpleNamespace
 
 import torch
 
+try:  # page faults per call (POSIX only)
+    import resource
+except ImportError:
+    resource = None
+
 HOG_LIMIT_S = 900  # a background spinner never outlives this, whatever happens to us
 CONTENDERS = (
     "pytorch-fp32",
@@ -378,9 +383,7 @@ def minor_faults() -> int | None:
     """Minor page faults of this process so far (every thread), or None where the resource
     module is missing. A fault is a page the kernel hands out (zeroed) on first touch: what a
     tensor allocated from memory the allocator had returned to the system costs."""
-    try:
-        import resource
-    except ImportError:
+    if resource is None:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -405,7 +408,7 @@ def alternate(
             times[name].append((time.perf_counter() - t0) * 1e3)
             if f0 is not None:
                 counted[name] += minor_faults() - f0
-    if faults is not None and minor_faults() is not None:
+    if faults is not None and resource is not None:
         faults.update({name: n / rounds for name, n in counted.items()})
     return times
 
