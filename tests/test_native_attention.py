@@ -514,14 +514,89 @@ def test_decode_in_a_cuda_graph():
         assert rel_err(out, ref) <= TOL
 
 
+def _poisoned(v, keys, values):
+    out = v.clone()
+    for key, value in zip(keys, values):
+        out[:, key] = value
+    return out
+
+
+@gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("head_dim", na.HEAD_DIMS)
+def test_prefill_values_of_masked_keys_stay_out(dtype, head_dim):
+    # causal: key j is seen by rows >= j only, inside a masked (diagonal) tile; an inf or NaN
+    # value must reach exactly those rows (p = 0 times inf is NaN in a plain P V product)
+    _need_kernels()
+    q, k, v = _qkv((2, 150, 4, head_dim), (2, 150, 2, head_dim), dtype, "cuda")
+    clean, _ = na.prefill(*_prefill_args(q, k, v, causal=True))
+    for keys, values in (([100], [float("nan")]), ([100], [float("inf")]),
+                         ([100, 101], [float("inf"), float("-inf")])):  # fmt: skip
+        out, _ = na.prefill(*_prefill_args(q, k, _poisoned(v, keys, values), causal=True))
+        first = keys[0]
+        assert rel_err(out[:, :first], clean[:, :first]) <= TOL, (keys, values)
+        assert not torch.isfinite(out[:, first:]).any(), (keys, values)
+        if values == [float("inf"), float("-inf")]:
+            assert torch.isposinf(out[:, first]).all()  # p > 0 times +inf
+            assert torch.isnan(out[:, first + 1 :]).all()  # inf - inf
+    # a window that leaves key 3 out of rows >= 6, and varlen: poison in another sequence
+    vd = _poisoned(v, [3], [float("inf")])
+    clean, _ = na.prefill(*_prefill_args(q, k, v, window=(2, 0)))
+    out, _ = na.prefill(*_prefill_args(q, k, vd, window=(2, 0)))
+    assert rel_err(out[:, 6:], clean[:, 6:]) <= TOL
+    cu = torch.tensor([0, 3, 150], dtype=torch.int32, device="cuda")
+    flat = (q[0], k[0], vd[0])
+    out, _ = na.prefill(*_prefill_args(*flat, causal=True, cu=(cu, cu)))
+    clean, _ = na.prefill(*_prefill_args(q[0], k[0], v[0], causal=True, cu=(cu, cu)))
+    assert rel_err(out[:3], clean[:3]) <= TOL and not torch.isfinite(out[3:]).any()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("head_dim", na.HEAD_DIMS)
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_decode_values_of_masked_keys_stay_out(dtype, head_dim, block_size):
+    # q_len 4, causal: the last key of each sequence is seen by its last query alone; a
+    # window of 100 also keeps key 10 out of every row
+    _need_kernels()
+    batch, s_max = 2, 300
+    q = torch.randn(batch, 4, 8, head_dim, dtype=dtype, device="cuda")
+    kc = torch.randn(batch, s_max, 2, head_dim, dtype=dtype, device="cuda")
+    vc = torch.randn(batch, s_max, 2, head_dim, dtype=dtype, device="cuda")
+    lens = torch.tensor([200, 300], dtype=torch.int32, device="cuda")
+    table = None
+    if block_size is not None:
+        kc, vc, table = _paged(kc, vc, block_size)
+
+    def poisoned(positions):  # (sequence, position, value)
+        out = vc.clone()
+        for b, pos, value in positions:
+            if table is None:
+                out[b, pos] = value
+            else:
+                out[int(table[b, pos // block_size]), pos % block_size] = value
+        return out
+
+    last = [(0, 199, float("nan")), (1, 299, float("inf"))]
+    for window, positions in (((-1, -1), last), ((100, -1), [*last, (0, 10, float("inf")),
+                                                               (1, 10, float("nan"))])):  # fmt: skip
+        vd = poisoned(positions)
+        for ns in (0, 1, 3):
+            clean = na.decode(*_decode_args(q, kc, vc, lens, table, window=window, ns=ns))
+            out = na.decode(*_decode_args(q, kc, vd, lens, table, window=window, ns=ns))
+            assert rel_err(out[:, :3], clean[:, :3]) <= TOL, (window, ns)
+            assert not torch.isfinite(out[:, 3]).any(), (window, ns)
+
+
 # --- CPU emulation of the kernels' index math ----------------------------------------------
 #
 # The functions below restate csrc/attention/prefill.cu and decode.cu lane by lane (the
 # shared-memory addresses each lane hands to ldmatrix, the thread -> chunk maps of the tile
-# loads, the masks, the online softmax, the warp merge and the split merge) on top of the
-# PTX ISA's definitions of ldmatrix.x4 (.trans) and of the mma.m16n8k16 fragments. P and
-# the output are rounded to fp16 where the kernels round them. If a lane offset, a fragment
-# register or a mask bound is wrong, the result misses the reference.
+# loads, the masks, the online softmax, the inf/NaN path of masked tiles, the warp merge and
+# the split merge) on top of the PTX ISA's definitions of ldmatrix.x4 (.trans) and of the
+# mma.m16n8k16 fragments. P and the output are rounded to fp16 where the kernels round them.
+# If a lane offset, a fragment register or a mask bound is wrong, the result misses the
+# reference.
 
 _L = np.arange(32)
 _G, _C = _L // 4, _L % 4
@@ -536,6 +611,7 @@ _B_COL = np.broadcast_to(_G[:, None, None], (32, 2, 2))
 _C_ROW = _G[:, None] + 8 * (np.arange(4)[None, :] // 2)
 _C_COL = 2 * _C[:, None] + np.arange(4)[None, :] % 2
 _LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
+_UNWRITTEN = -1.25e300  # shared memory nothing wrote (no fp16 value is this)
 
 
 def _ldmatrix_x4(smem, addr, trans=False):
@@ -544,7 +620,7 @@ def _ldmatrix_x4(smem, addr, trans=False):
     i, h = np.arange(4)[None, :, None], _H2
     r, c = (_L // 4)[:, None, None], 2 * (_L % 4)[:, None, None] + h
     out = m[i, c, r] if trans else m[i, r, c]
-    assert not np.isnan(out).any(), "ldmatrix read shared memory nothing wrote"
+    assert not (out == _UNWRITTEN).any(), "ldmatrix read shared memory nothing wrote"
     return out
 
 
@@ -614,8 +690,9 @@ def _cache_rows(cache, table, b, hk, kb, n_keys):
     return tile
 
 
-def _warp_tile(smem, w, warp, s_base, v_base, key_tiles, d, stride, lo, hi, key0, mask, p):
-    """One warp's S = Q K^T over key_tiles n-tiles, logits, online softmax, O += P V."""
+def _warp_scores(smem, w, s_base, key_tiles, d, stride, lo, hi, key0, mask, p):
+    """One warp's S = Q K^T over key_tiles n-tiles, logits, online softmax (the accumulator
+    rescaled); returns P."""
     nt = key_tiles
     s = np.zeros((nt, 32, 4))
     base = s_base + ((_L & 7) + (_L >> 4) * 8) * stride + ((_L >> 3) & 1) * 8
@@ -644,6 +721,40 @@ def _warp_tile(smem, w, warp, s_base, v_base, key_tiles, d, stride, lo, hi, key0
         s[:, :, 2 * i : 2 * i + 2] = np.exp2(s[:, :, 2 * i : 2 * i + 2] - ref[None, :, None])
         w["l"][:, i] = w["l"][:, i] * alpha[:, i] + s[:, :, 2 * i : 2 * i + 2].sum(axis=(0, 2))
     w["acc"] *= alpha[None, :, [0, 0, 1, 1]]
+    return s
+
+
+def _tile_values(smem, base, stride, rows, d):
+    """Addresses of the rows x d values of a tile (not its padding columns)."""
+    return base + np.arange(rows)[:, None] * stride + np.arange(d)[None, :]
+
+
+def _add_nonfinite(smem, w, v_base, stride, d, key0, n_keys, lo, hi):
+    """mma.cuh add_nonfinite for one warp: the inf/NaN values of the keys each row sees,
+    added to the accumulator elements (row g + 8 i, column 8 t + 2 c + e) a lane holds."""
+    cols = 8 * np.arange(d // 8)[:, None] + np.arange(2)[None, :]  # [t, e]
+    for lane in range(32):
+        for i in range(2):
+            for key in range(max(lo[i][lane], key0), min(hi[i][lane], key0 + n_keys)):
+                x = smem[v_base + (key - key0) * stride + 2 * _C[lane] + cols]
+                w["acc"][:, lane, 2 * i : 2 * i + 2] += np.where(np.isfinite(x), 0.0, x)
+
+
+def _nonfinite_path(smem, warps, v_base, stride, d, parts):
+    """The kernels' slow path for a masked tile whose V holds an inf/NaN: every warp adds
+    the values its rows see (parts: per warp (offset of its first key's row, key0, n_keys,
+    lo, hi)), then the values are zeroed in shared memory."""
+    at = _tile_values(smem, v_base, stride, 64, d)
+    if np.isfinite(smem[at]).all():
+        return
+    for w, (row, key0, n_keys, lo, hi) in zip(warps, parts):
+        _add_nonfinite(smem, w, v_base + row * stride, stride, d, key0, n_keys, lo, hi)
+    smem[at] = np.where(np.isfinite(smem[at]), smem[at], 0.0)
+
+
+def _warp_pv(smem, w, s, v_base, key_tiles, d, stride):
+    """O += P V for one warp."""
+    nt = key_tiles
     base = v_base + ((_L & 7) + ((_L >> 3) & 1) * 8) * stride + (_L >> 4) * 8
     for j in range(nt // 2):
         pf = _f16(
@@ -683,7 +794,7 @@ def _emulate_prefill(q, k, v, cu_q, cu_k, max_q, p):
                 lo_last, hi_last = _key_range(q_last + shift, sk, p["wl"], p["wr"])
                 n_min = lo_first // 64
                 n_max = -(-hi_last // 64) if hi_last > lo_first else n_min
-                smem = np.full(64 * stride + 4 * 64 * stride, np.nan)
+                smem = np.full(64 * stride + 4 * 64 * stride, _UNWRITTEN)
                 s_q, s_k, s_v = 0, 64 * stride, 64 * stride + 2 * 64 * stride
                 warps = [_new_warp(d) for _ in range(4)]
                 ranges = [
@@ -722,6 +833,7 @@ def _emulate_prefill(q, k, v, cu_q, cu_k, max_q, p):
                         _rows(v[:, hk], k_start + kb, sk - kb, 64),
                     )
                     mask = kb < lo_last or kb + 64 > hi_first
+                    probs = []
                     for w in range(4):
                         if n == n_min:
                             base = (
@@ -734,7 +846,14 @@ def _emulate_prefill(q, k, v, cu_q, cu_k, max_q, p):
                             ]
                         lo = [ranges[w][i][0] for i in range(2)]
                         hi = [ranges[w][i][1] for i in range(2)]
-                        _warp_tile(smem, warps[w], w, sk_b, sv_b, 8, d, stride, lo, hi, kb, mask, p)
+                        probs.append(
+                            _warp_scores(smem, warps[w], sk_b, 8, d, stride, lo, hi, kb, mask, p)
+                        )
+                    if mask:
+                        parts = [(0, kb, 64, *zip(*ranges[w])) for w in range(4)]
+                        _nonfinite_path(smem, warps, sv_b, stride, d, parts)
+                    for w in range(4):
+                        _warp_pv(smem, warps[w], probs[w], sv_b, 8, d, stride)
                 for w, st in enumerate(warps):
                     l_sum = _quad(st["l"], np.add)
                     inv = np.where(l_sum > 0, 1 / np.where(l_sum > 0, l_sum, 1), 0.0)
@@ -785,7 +904,7 @@ def _emulate_decode(q, kc, vc, lens, table, splits, p):
             r_pad = [np.minimum(row0 + _G + 8 * i, rows_total - 1) for i in range(2)]
             ranges = [_key_range(pos0 + r // group, n_keys, p["wl"], p["wr"]) for r in r_pad]
             lo, hi = [ranges[0][0], ranges[1][0]], [ranges[0][1], ranges[1][1]]
-            smem = np.full(16 * stride + 4 * 64 * stride, np.nan)
+            smem = np.full(16 * stride + 4 * 64 * stride, _UNWRITTEN)
             s_q, s_k, s_v = 0, 16 * stride, 16 * stride + 2 * 64 * stride
             warps = [_new_warp(d) for _ in range(4)]
 
@@ -805,14 +924,22 @@ def _emulate_decode(q, kc, vc, lens, table, splits, p):
                 _store_tile(smem, sk_b, stride, 64, d, _cache_rows(kc, table, b, hk, kb, n_keys))
                 _store_tile(smem, sv_b, stride, 64, d, _cache_rows(vc, table, b, hk, kb, n_keys))
                 mask = kb < lo_last or kb + 64 > hi_first
+                probs = []
                 for w in range(4):
                     if n == t_begin:
                         base = s_q + ((_L & 7) + ((_L >> 3) & 1) * 8) * stride + (_L >> 4) * 8
                         warps[w]["qf"] = [
                             _ldmatrix_x4(smem, base + kk * 16) for kk in range(d // 16)
                         ]
-                    _warp_tile(smem, warps[w], w, sk_b + w * 16 * stride, sv_b + w * 16 * stride,
-                               2, d, stride, lo, hi, kb + w * 16, mask, p)  # fmt: skip
+                    probs.append(
+                        _warp_scores(smem, warps[w], sk_b + w * 16 * stride, 2, d, stride, lo, hi,
+                                     kb + w * 16, mask, p)
+                    )  # fmt: skip
+                if mask:
+                    parts = [(w * 16, kb + w * 16, 16, lo, hi) for w in range(4)]
+                    _nonfinite_path(smem, warps, sv_b, stride, d, parts)
+                for w in range(4):
+                    _warp_pv(smem, warps[w], probs[w], sv_b + w * 16 * stride, 2, d, stride)
             # the warp merge through shared memory: red[w][row][col], red_m/red_l[w][row]
             red = np.full((4, 16, d), np.nan)
             red_m, red_l = np.full((4, 16), np.nan), np.full((4, 16), np.nan)
@@ -913,3 +1040,63 @@ def test_emulated_decode_matches_reference(
         window_left=window[0], window_right=window[1], softcap=softcap,
     )  # fmt: skip
     assert rel_err(torch.from_numpy(out), ref) < 2e-3
+
+
+def _same_non_finite(out, ref):
+    """The same inf/NaN pattern (NaN, +inf, -inf element by element), finite elements close."""
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(out), kind(ref)), kind.__name__
+    finite = torch.isfinite(ref)
+    assert rel_err(out[finite], ref[finite]) < 2e-3
+
+
+@pytest.mark.parametrize("head_dim", na.HEAD_DIMS)
+@pytest.mark.parametrize("window", [(-1, -1), (20, -1)])
+def test_emulated_prefill_keeps_non_finite_values_of_masked_keys_out(head_dim, window):
+    # causal: keys 30, 31, 50 sit in the masked diagonal tile of rows 0-63 and in a tile rows
+    # 64-69 see whole; the rows that see them get inf (+inf alone) or NaN, the others nothing
+    lens = [70, 5]
+    cu = [0, 70, 75]
+    q, k, v = _h(75, 2, head_dim), _h(75, 1, head_dim), _h(75, 1, head_dim)
+    v[30], v[31], v[50] = float("inf"), float("-inf"), float("nan")
+    v[72] = float("nan")  # the other sequence's key 2: its rows 2-4 only
+    wl, wr = na._window(True, *window)
+    p = {"scale": head_dim**-0.5, "softcap": 0.0, "wl": wl, "wr": wr}
+    out, _ = _emulate_prefill(q.double().numpy(), k.double().numpy(), v.double().numpy(), cu, cu,
+                              max(lens), p)  # fmt: skip
+    ref = reference.attention(
+        q.float(), k.float(), v.float(), causal=True, window_left=window[0],
+        window_right=window[1], cu_seqlens_q=torch.tensor(cu), cu_seqlens_k=torch.tensor(cu),
+    )  # fmt: skip
+    assert torch.isposinf(ref[30]).all() and torch.isfinite(ref[:30]).all()
+    _same_non_finite(torch.from_numpy(out), ref)
+
+
+@pytest.mark.parametrize("head_dim", na.HEAD_DIMS)
+@pytest.mark.parametrize("block_size,splits,window", [(None, 1, (-1, -1)), (16, 3, (50, -1))])
+def test_emulated_decode_keeps_non_finite_values_of_masked_keys_out(
+    head_dim, block_size, splits, window
+):
+    # q_len 4: the last key of each sequence is seen by its last query alone; the window
+    # keeps key 100 of sequence 2 out of every row
+    lens = torch.tensor([1, 77, 200], dtype=torch.int32)
+    q = _h(3, 4, 8, head_dim)
+    kc, vc = _h(3, 200, 2, head_dim), _h(3, 200, 2, head_dim)
+    vc[1, 76], vc[2, 199], vc[2, 198] = float("nan"), float("inf"), float("-inf")
+    if window[0] >= 0:
+        vc[2, 100] = float("inf")
+    table = None
+    if block_size is not None:
+        kc, vc, table = _paged(kc, vc, block_size)
+    wl, wr = na._window(True, *window)
+    p = {"scale": head_dim**-0.5, "softcap": 0.0, "wl": wl, "wr": wr}
+    t_np = None if table is None else table.numpy()
+    out = _emulate_decode(
+        q.double().numpy(), kc.double().numpy(), vc.double().numpy(), lens.numpy(), t_np, splits, p
+    )
+    ref = reference.decode_attention(
+        q.float(), kc.float(), vc.float(), lens, block_table=table, causal=True,
+        window_left=window[0], window_right=window[1],
+    )  # fmt: skip
+    assert torch.isfinite(ref[:, :2]).all() and torch.isnan(ref[2, 3]).all()
+    _same_non_finite(torch.from_numpy(out), ref)

@@ -203,6 +203,14 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeArgs p, in
         acc[t][2] *= alpha[1];
         acc[t][3] *= alpha[1];
       }
+      // inf/NaN values of keys some rows do not see (mma.cuh); `mask` is the same for the
+      // whole block, so every thread reaches the barriers
+      if (mask && tile_has_nonfinite<T, kBlockN, D, kThreads>(sV + stage * Smem::kKV)) {
+        add_nonfinite<T, kDT>(acc, sVw, kb + warp * 16, 16, lo, hi);
+        __syncthreads();
+        zero_nonfinite<T, kBlockN, D, kThreads>(sV + stage * Smem::kKV);
+        __syncthreads();
+      }
       {
         uint32_t pf[4];
         pf[0] = pack2<T>(s[0][0], s[0][1]);

@@ -161,6 +161,83 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m)[2],
   }
 }
 
+// --- inf/NaN values of keys a row does not see -----------------------------------------
+// In a masked tile a row's p is 0 for the keys it does not see, and the mma would still
+// multiply those keys' values: 0 * inf = NaN. So a masked tile whose V holds an inf or NaN
+// (checked for every masked tile, rare in practice: a recycled cache block, an empty
+// allocation) takes a slow path: each accumulator element first gets the non-finite values
+// of the keys its row sees added to it (inf + -inf = NaN, as IEEE sums them; a seen key
+// whose p underflowed to 0 gives inf here where p * inf would be NaN: non-finite either
+// way), then those values are set to 0 in shared memory for the mma.
+
+template <typename T>
+struct ExponentBits;  // all exponent bits set: inf or NaN
+template <>
+struct ExponentBits<__half> {
+  static constexpr uint32_t kMask = 0x7c00u;
+};
+template <>
+struct ExponentBits<__nv_bfloat16> {
+  static constexpr uint32_t kMask = 0x7f80u;
+};
+
+template <typename T>
+__device__ __forceinline__ bool nonfinite_bits(uint32_t bits16) {
+  constexpr uint32_t e = ExponentBits<T>::kMask;
+  return (bits16 & e) == e;
+}
+
+// Any inf/NaN among the ROWS x D values of a tile in shared memory (row stride D + 8).
+// Every thread of the block calls it: it ends in a barrier.
+template <typename T, int ROWS, int D, int THREADS>
+__device__ __forceinline__ bool tile_has_nonfinite(const T* tile) {
+  constexpr int kChunksPerRow = D / 8;
+  bool bad = false;
+  for (int i = threadIdx.x; i < ROWS * kChunksPerRow; i += THREADS) {
+    const uint4 x = *reinterpret_cast<const uint4*>(tile + (i / kChunksPerRow) * (D + 8) +
+                                                    (i % kChunksPerRow) * 8);
+    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) bad |= nonfinite_bits<T>(w[j]) || nonfinite_bits<T>(w[j] >> 16);
+  }
+  return __syncthreads_or(bad) != 0;
+}
+
+// Sets the inf/NaN values of the tile to 0 (the caller synchronizes before and after).
+template <typename T, int ROWS, int D, int THREADS>
+__device__ __forceinline__ void zero_nonfinite(T* tile) {
+  for (int i = threadIdx.x; i < ROWS * D; i += THREADS) {
+    uint16_t* x = reinterpret_cast<uint16_t*>(tile + (i / D) * (D + 8) + i % D);
+    if (nonfinite_bits<T>(*x)) *x = 0;
+  }
+}
+
+// Adds to the accumulator fragment (rows g and g + 8 of the warp, columns 8 t + 2c + e) the
+// inf/NaN values among keys [key0, key0 + n_keys) of the tile (key key0 + r at tile row r,
+// row stride D + 8) that the row sees: lo[i] <= key < hi[i].
+template <typename T, int DT>
+__device__ __forceinline__ void add_nonfinite(float (&acc)[DT][4], const T* tile, int key0,
+                                              int n_keys, const int (&lo)[2], const int (&hi)[2]) {
+  constexpr int kStride = 8 * DT + 8;
+  const int c = threadIdx.x % 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int from = max(lo[i], key0), to = min(hi[i], key0 + n_keys);
+    for (int key = from; key < to; ++key) {
+      const T* row = tile + (key - key0) * kStride + 2 * c;
+#pragma unroll
+      for (int t = 0; t < DT; ++t) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const T x = row[8 * t + e];
+          if (nonfinite_bits<T>(*reinterpret_cast<const uint16_t*>(&x)))
+            acc[t][2 * i + e] += static_cast<float>(x);
+        }
+      }
+    }
+  }
+}
+
 // Clamp of a 64-bit key bound into [0, n].
 __device__ __forceinline__ int clamp_key(long long x, int n) {
   return static_cast<int>(x < 0 ? 0 : (x > n ? n : x));

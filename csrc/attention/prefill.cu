@@ -199,6 +199,15 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const PrefillArgs p) 
         acc[t][3] *= alpha[1];
       }
 
+      // inf/NaN values of keys some rows do not see (mma.cuh); `mask` is the same for the
+      // whole block, so every thread reaches the barriers
+      if (mask && tile_has_nonfinite<T, kBlockN, D, kThreads>(sVs)) {
+        add_nonfinite<T, kDT>(acc, sVs, kb, kBlockN, lo, hi);
+        __syncthreads();
+        zero_nonfinite<T, kBlockN, D, kThreads>(sV + stage * Smem::kKV);
+        __syncthreads();
+      }
+
       // O += P V: P from the S accumulators (n-tiles 2j, 2j+1 make k-step j);
       // B[key][d] = V[key][d], ldmatrix.trans of V rows.
       // matrices: keys 0-7 / 8-15 (lane bit 3) x d +0 / +8 (lane bit 4)
