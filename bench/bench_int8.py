@@ -11,9 +11,10 @@ GPU:
   the measured copy bandwidth.
 CPU:
   Int8Linear (the whole forward: quantization, int8 matmul, epilogue) in w8a8 on the cpu
-  backend (C++ quantization and epilogue around torch._int_mm) and on the torch backend
-  (eager PyTorch around it), and in w8a16 at M = 1 on the cpu backend (C++ kernel) and
-  the torch backend, against float32 nn.Linear and against torch._int_mm alone.
+  backend (C++ quantization and epilogue around torch._int_mm, or fastllm's AVX512-VNNI
+  matmul for a few rows) and on the torch backend (eager PyTorch around _int_mm), and in
+  w8a16 at M = 1 on the cpu backend (C++ kernel) and the torch backend, against float32
+  nn.Linear, torch._int_mm alone and (M <= 64, where the CPU has it) the VNNI matmul alone.
 Fused epilogues (GPU and CPU, per backend): int8_dynamic_linear with the activation
 (gelu), the residual add, and the gated MLP half (int8_dynamic_gated_linear, silu) with
 and without a quantized output, against the same backend's plain op followed by the
@@ -149,10 +150,11 @@ def _w8a16_gpu(ctx: Context) -> None:
 def _cpu(ctx: Context) -> None:
     from torch import nn
 
+    from fastllm.native import cpu as native_cpu
     from fastllm.nn import Int8Linear
 
     N = K = 2048 if ctx.quick else 4096
-    Ms = (64,) if ctx.quick else (1, 64, 256)
+    Ms = (4, 64) if ctx.quick else (1, 2, 4, 8, 16, 32, 64, 256)
     lin = nn.Linear(K, N)
     q8 = Int8Linear.from_linear(lin, mode="w8a8")
     q16 = Int8Linear.from_linear(lin, mode="w8a16")
@@ -176,6 +178,12 @@ def _cpu(ctx: Context) -> None:
                 continue
             impls[f"Int8Linear w8a8 [{name}]"] = functools.partial(forced, q8, name)
         impls["torch._int_mm alone"] = lambda x_int8=x_int8: torch._int_mm(x_int8, wt)
+        if native_cpu.small_m_kernel() and M <= 64:  # the few-rows kernel (exact int32)
+            small = functools.partial(native_cpu.small_m_matmul, x_int8, q8.weight)
+            if torch.equal(small(), torch._int_mm(x_int8, wt)):
+                impls["fastllm VNNI matmul alone"] = small
+            else:
+                print(f"  cpu M={M} fastllm VNNI matmul: differs from torch._int_mm; not timed")
         if M == 1:  # w8a16 is for decode: the C++ kernel and the torch backend
             for name in ("cpu", "torch"):
                 if backend.why_not(

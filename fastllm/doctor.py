@@ -142,7 +142,16 @@ def report() -> list[str]:
             if getattr(native.module(), "with_openmp", False)
             else "one thread (fastllm._C was built without OpenMP)"
         )
-        lines.append(f"cpu kernels  C++ in fastllm._C, {threads}")
+        from fastllm.native import cpu as native_cpu
+
+        few_rows = (
+            "fastllm's AVX512-VNNI int8 matmul for 2 to 8 rows (up to 64 on large weights), "
+            "torch._int_mm (oneDNN) otherwise"
+            if native_cpu.small_m_kernel()
+            else "torch._int_mm (oneDNN) for every row count: this CPU has no AVX512-VNNI for "
+            "fastllm's few-rows int8 matmul"
+        )
+        lines.append(f"cpu kernels  C++ in fastllm._C, {threads}; W8A8: {few_rows}")
     else:
         lines.append(f"cpu kernels  not available: {cpu_reason}")
     lines.append(f"openmp       {_openmp_line()}")

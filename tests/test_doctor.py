@@ -19,6 +19,7 @@ def test_doctor_reports_what_is_here():
             assert "cuda       -  PyTorch sees no CUDA GPU" in text
     if native.load_error() is None:
         assert "cpu kernels  C++ in fastllm._C" in text
+        assert "W8A8: " in text and "int8 matmul" in text
     if native.load_error() is None and native.with_cuda():
         assert "sm_" in text
     assert "quantize_per_token" in text

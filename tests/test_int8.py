@@ -559,6 +559,117 @@ def test_cpu_launchers_take_any_layout():
     assert rel_err(native_cpu.w8a16_linear(x, w_int8, w_scale), expect) <= 1e-6
 
 
+def _small_m_kernel():
+    if "cpu" not in available_backends("int8_linear", torch.device("cpu")):
+        return False
+    from fastllm.native import cpu as native_cpu
+
+    return native_cpu.small_m_kernel()
+
+
+needs_small_m_kernel = pytest.mark.skipif(
+    not _small_m_kernel(), reason="fastllm._C is not built, or this CPU has no AVX512-VNNI"
+)
+
+
+@needs_small_m_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "M, N, K",
+    [(1, 1, 1), (2, 3, 5), (3, 5, 63), (4, 4, 64), (5, 7, 65), (7, 9, 129), (9, 17, 1000),
+     (16, 33, 384), (33, 6, 4097)],
+)  # fmt: skip
+def test_cpu_small_m_matmul_is_exact(M, N, K, threads):
+    # the AVX512-VNNI int8 matmul: every M, N, K tail, the full int8 range, rows at strides
+    # wider than K, and both thread counts give the exact int32 sums
+    from fastllm import native
+
+    x = torch.randint(-128, 128, (M, K + 3), dtype=torch.int8)[:, :K]
+    w = torch.randint(-128, 128, (N, K + 5), dtype=torch.int8)[:, :K]
+    x[0], w[0] = -128, -128
+    acc = torch.full((M, N + 2), 7, dtype=torch.int32)
+    native.module().int8_mm_cpu(
+        x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), acc.data_ptr(), N + 2, M, N, K,
+        threads,
+    )  # fmt: skip
+    assert torch.equal(acc[:, :N].long(), x.long() @ w.long().T)
+    assert (acc[:, N:] == 7).all()  # nothing written past N
+
+
+@needs_small_m_kernel
+def test_cpu_small_m_matmul_at_the_accumulator_limit():
+    # K = 133,144 with |x| = |w| = 127: sums up to 2^31 - 4,071; the unsigned-times-signed
+    # products and their correction wrap modulo 2^32 on the way and must come back exact
+    from fastllm.native import cpu as native_cpu
+
+    K = 133_144
+    x = torch.full((3, K), 127, dtype=torch.int8)
+    x[1] = -127
+    w = torch.full((5, K), 127, dtype=torch.int8)
+    w[2] = -127
+    assert native_cpu.uses_small_m_kernel(3, K, 5)
+    exact = x.long() @ w.long().T
+    assert exact.abs().max() == 127 * 127 * K
+    assert torch.equal(native_cpu.int_mm(x, w).long(), exact)
+
+
+@needs_small_m_kernel
+def test_cpu_small_m_rows_choose_the_kernel_and_match_int_mm(monkeypatch):
+    # which rows counts go to fastllm's kernel, and the W8A8 ops through either matmul give
+    # the same bits
+    from fastllm import native
+    from fastllm.native import cpu as native_cpu
+
+    uses = native_cpu.uses_small_m_kernel
+    assert not uses(1, 4096, 4096)  # oneDNN's own path for one row
+    assert uses(2, 64, 64) and uses(8, 64, 64) and not uses(9, 64, 64)
+    assert uses(32, 1024, 1024) and not uses(33, 1024, 1024)
+    assert uses(64, 4096, 4096) and not uses(65, 4096, 4096)
+    calls = []
+    real = native.module()
+
+    class Spy:  # the module's attributes, with int8_mm_cpu counted
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def int8_mm_cpu(self, *args):
+            calls.append(args[6])  # M
+            return real.int8_mm_cpu(*args)
+
+    w_int8, w_scale = reference.quantize_per_channel(torch.randn(96, 200) * 0.05)
+    bias = torch.randn(96)
+    for M in (2, 5, 8):
+        x = torch.randn(M, 200)
+        with monkeypatch.context() as m:
+            m.setattr(native, "module", lambda: Spy())
+            fast = [_run("int8_dynamic_linear", "cpu", x, w_int8, w_scale, bias)]
+            fast.append(
+                _run("int8_dynamic_linear", "cpu", x, w_int8, w_scale, bias, activation="gelu")
+            )
+        assert calls[-2:] == [M, M]
+        with monkeypatch.context() as m:
+            m.setattr(native_cpu, "_SMALL_M_KERNEL", False)  # torch._int_mm instead
+            slow = [_run("int8_dynamic_linear", "cpu", x, w_int8, w_scale, bias)]
+            slow.append(
+                _run("int8_dynamic_linear", "cpu", x, w_int8, w_scale, bias, activation="gelu")
+            )
+        for a, b in zip(fast, slow):
+            assert torch.equal(a, b), M
+
+
+def test_cpu_small_m_matmul_bad_sizes():
+    if "cpu" not in available_backends("int8_linear", torch.device("cpu")):
+        pytest.skip("fastllm._C (C++ CPU kernels) is not built")
+    from fastllm import native
+
+    mod = native.module()
+    with pytest.raises(Exception, match="int8_mm_cpu: negative size"):
+        mod.int8_mm_cpu(0, 1, 0, 1, 0, 1, -1, 1, 1, 1)
+    if not mod.int8_mm_cpu_available():
+        with pytest.raises(Exception, match="no AVX512-VNNI"):
+            mod.int8_mm_cpu(0, 1, 0, 1, 0, 1, 1, 1, 1, 1)
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 

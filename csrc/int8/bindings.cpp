@@ -34,6 +34,16 @@ void bind_int8(py::module_& m) {
       py::arg("bias_dtype"), py::arg("act"), py::arg("gated"), py::arg("residual"),
       py::arg("residual_dtype"), py::arg("ld_res"), py::arg("out"), py::arg("out_dtype"),
       py::arg("ld_out"), py::arg("M"), py::arg("N"), py::arg("threads"));
+  m.def("int8_mm_cpu_available", &int8_mm_cpu_available);
+  m.def(
+      "int8_mm_cpu",
+      [](uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t acc, int64_t ld_acc,
+         int64_t M, int64_t N, int64_t K, int threads) {
+        py::gil_scoped_release no_gil;
+        check(int8_mm_cpu(x, ldx, w, ldw, acc, ld_acc, M, N, K, threads));
+      },
+      py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("ldw"), py::arg("acc"),
+      py::arg("ld_acc"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("threads"));
   m.def(
       "int8_w8a16_cpu",
       [](uintptr_t x, int x_dtype, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t w_scale,

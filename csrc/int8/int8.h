@@ -45,6 +45,14 @@ const char* int8_fused_epilogue_cpu(uintptr_t acc, int64_t ld_acc, uintptr_t x_s
                                     int64_t ld_res, uintptr_t out, int out_dtype, int64_t ld_out,
                                     int64_t M, int64_t N, int threads);
 
+// int8_mm_cpu.cpp (host memory): acc[m, n] = sum_k x[m, k] * w[n, k] in int32, exactly
+// torch._int_mm(x, w.T), for x [M, K] and w [N, K] int8 (row strides ldx, ldw) into acc
+// [M, N] (row stride ld_acc); any sizes. Needs AVX512-VNNI (int8_mm_cpu_available; without
+// it the call returns an error). Output columns are split over `threads` OpenMP threads.
+bool int8_mm_cpu_available();
+const char* int8_mm_cpu(uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t acc,
+                        int64_t ld_acc, int64_t M, int64_t N, int64_t K, int threads);
+
 // w8a16_cpu.cpp (host memory): out[m, n] = cast(w_scale[n] * sum_k x[m, k] * w[n, k] +
 // bias[n]) with x and out float32/float16/bfloat16 (one dtype), any M, N, K; output
 // channels split over `threads` OpenMP threads.

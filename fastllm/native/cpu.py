@@ -1,13 +1,14 @@
 """Launchers of the C++ CPU kernels (backend "cpu"; kernels: csrc/quant/*_cpu.cpp,
 csrc/int8/*_cpu.cpp, csrc/attention/*_cpu.cpp).
 
-On the CPU the W8A8 matmul itself is `torch._int_mm` (oneDNN); what fastllm adds
-is the work around it, which in eager PyTorch costs more than the matmul at
+On the CPU the W8A8 matmul itself is `torch._int_mm` (oneDNN), or for the few rows of a
+decode step fastllm's AVX512-VNNI kernel (`int_mm` below: the same int32); what fastllm
+adds is the work around it, which in eager PyTorch costs more than the matmul at
 transformer sizes: per-token quantization (amax, divide, round, clamp, cast: five
 passes over the activations in PyTorch, one read here) and the epilogue (convert,
 two scalings, bias, cast: four passes over the output, one here, written over the
-accumulator itself for a float32 output). Both kernels give the torch backend's
-results bit for bit, and split rows over PyTorch's threads (`torch.get_num_threads()`).
+accumulator itself for a float32 output). The kernels give the torch backend's
+results bit for bit, and split work over PyTorch's threads (`torch.get_num_threads()`).
 The attention kernel serves a padded batch of short sequences in one call (see
 `prefer_attention` for when it is chosen).
 
@@ -108,6 +109,70 @@ def epilogue(
     return out
 
 
+# oneDNN's torch._int_mm reorders the whole weight on every call with M > 1, so a few rows
+# go to fastllm's AVX512-VNNI kernel instead (csrc/int8/int8_mm_cpu.cpp; the same int32, bit
+# for bit), which reads each weight byte once. `fastllm bench int8` on a 2-core Zen 4 (2
+# threads, K = N = 4096), _int_mm against it: M = 1 0.17 / 0.16 ms, M = 2 2.97 / 0.15,
+# M = 4 3.12 / 0.28, M = 8 3.18 / 0.49, M = 16 3.39 / 0.79, M = 32 4.16 / 1.83, M = 64
+# 5.68 / 3.66. oneDNN's blocked kernel catches up sooner on smaller weights (one thread,
+# K = 384, N = 1536: even at M = 16; K = N = 1024: even at M = 64). One row stays on
+# oneDNN (its own matrix-vector path, as fast). Rows up to (weight elements at least, M):
+SMALL_M_LIMITS = ((1 << 24, 64), (1 << 20, 32), (0, 8))
+
+
+def small_m_kernel() -> bool:
+    """Whether this build and CPU have the AVX512-VNNI int8 matmul for a few rows."""
+    global _SMALL_M_KERNEL
+    if _SMALL_M_KERNEL is None:
+        mod = native.module() if native.load_error() is None else None
+        _SMALL_M_KERNEL = bool(
+            mod is not None and hasattr(mod, "int8_mm_cpu") and mod.int8_mm_cpu_available()
+        )
+    return _SMALL_M_KERNEL
+
+
+_SMALL_M_KERNEL: bool | None = None
+
+
+def uses_small_m_kernel(M: int, K: int, N: int) -> bool:
+    """Whether `int_mm` takes fastllm's kernel for these sizes (else torch._int_mm)."""
+    if M < 2 or not small_m_kernel():
+        return False
+    return M <= next(rows for elements, rows in SMALL_M_LIMITS if K * N >= elements)
+
+
+def int_mm(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
+    """The exact int32 x_int8 [M, K] @ w_int8 [N, K].T, as torch._int_mm(x_int8, w_int8.t())."""
+    M, K = x_int8.shape
+    N = w_int8.shape[0]
+    if not uses_small_m_kernel(M, K, N) or x_int8.stride(1) != 1 or w_int8.stride(1) != 1:
+        return torch._int_mm(x_int8, w_int8.t())
+    return small_m_matmul(x_int8, w_int8)
+
+
+def small_m_matmul(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
+    """fastllm's AVX512-VNNI int8 matmul (any M; `small_m_kernel()` must be true): x_int8
+    [M, K] and w_int8 [N, K] CPU int8 with unit-stride rows -> int32 [M, N]."""
+    if x_int8.stride(-1) != 1 or w_int8.stride(-1) != 1:
+        raise ValueError("small_m_matmul takes rows of unit stride")
+    M, K = x_int8.shape
+    N = w_int8.shape[0]
+    acc = torch.empty((M, N), dtype=torch.int32)
+    native.module().int8_mm_cpu(
+        x_int8.data_ptr(),
+        x_int8.stride(0),
+        w_int8.data_ptr(),
+        w_int8.stride(0),
+        acc.data_ptr(),
+        N,
+        M,
+        N,
+        K,
+        torch.get_num_threads(),
+    )
+    return acc
+
+
 def _int_mm_reason(M: int, K: int, N: int) -> str | None:
     from fastllm.ops.int8 import int_mm_accepts
 
@@ -122,7 +187,7 @@ def supports_w8a8(x_int8, x_scale, w_int8, w_scale, bias=None, out_dtype=None) -
 
 
 def w8a8_linear(x_int8, x_scale, w_int8, w_scale, bias, out_dtype) -> torch.Tensor:
-    return epilogue(torch._int_mm(x_int8, w_int8.t()), x_scale, w_scale, bias, out_dtype)
+    return epilogue(int_mm(x_int8, w_int8), x_scale, w_scale, bias, out_dtype)
 
 
 def supports_dynamic(x, w_int8, w_scale, bias=None, smooth_scale=None) -> str | None:
@@ -161,13 +226,13 @@ def fused_linear(
     x, x_scale, w_int8, w_scale, bias, smooth, out_dtype, act, gated, residual, quantize, out_smooth
 ):
     """int8_fused_linear: x [M, K] int8 with x_scale [M], or float x quantized here (of
-    x.float() / smooth); torch._int_mm; then one C++ pass: scale, bias, activation, gate,
+    x.float() / smooth); `int_mm`; then one C++ pass: scale, bias, activation, gate,
     residual, cast (over the accumulator for a float32, non-gated output). With quantize,
     the output is quantized per token by the C++ kernel (of y.float() / out_smooth).
     Returns (y, None, None) or (None, y_int8, y_scale)."""
     if x.dtype != torch.int8:
         x, x_scale = quantize_per_token(x, smooth)
-    acc = torch._int_mm(x, w_int8.t())
+    acc = int_mm(x, w_int8)
     M, cols = acc.shape
     N = cols // 2 if gated else cols
     if out_dtype == torch.float32 and not gated:

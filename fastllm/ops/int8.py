@@ -42,8 +42,9 @@ op above, unchanged. Its impl is described at its backends below.
 
 The ``cuda`` backend is the launchers of fastllm/native/int8.py, registered below with
 their ``supports_*`` checks. The ``cpu`` backend (fastllm/native/cpu.py) is
-``torch._int_mm`` between two C++ kernels of fastllm._C: per-token quantization in one
-read of x, and the epilogue in one pass written over the int32 accumulator; it gives
+``torch._int_mm`` (or, for 2 to 64 rows on CPUs with AVX512-VNNI, fastllm's own int8
+matmul: the same int32) between two C++ kernels of fastllm._C: per-token quantization in
+one read of x, and the epilogue in one pass written over the int32 accumulator; it gives
 the torch backend's results bit for bit.
 
 ``torch`` backend:
@@ -232,7 +233,7 @@ backend.register("int8_weight_only_linear", "cuda", supports=native_int8.support
 )
 
 
-# --- cpu backends (C++ quantization and epilogue around torch._int_mm; fastllm/native/cpu.py)
+# --- cpu backends (C++ quantization and epilogue around the int8 matmul; fastllm/native/cpu.py)
 
 backend.register("int8_linear", "cpu", supports=native_cpu.supports_w8a8)(native_cpu.w8a8_linear)
 backend.register("int8_dynamic_linear", "cpu", supports=native_cpu.supports_dynamic)(
