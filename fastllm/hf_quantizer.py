@@ -367,11 +367,7 @@ def _finish_loading(model: nn.Module, config, checkpoint_files) -> None:
                 f"{where}: quantization_config has attention=true, but fastllm attention "
                 f"cannot be switched on for {type(model).__name__}: {why}"
             )
-        previous = hf.enable(model)
-        rep.layers.append(
-            opt.LayerEntry("", "attention", "swapped", f"transformers {previous!r}",
-                           "fastllm (transformers)")
-        )  # fmt: skip
+        rep.layers.append(opt.hf_attention_entry(hf.enable(model)))
     modules = dict(model.named_modules())
     for name, info in (config.modules or {}).items():
         rep.layers.append(

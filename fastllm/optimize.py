@@ -526,14 +526,17 @@ def _swap_attention(model: nn.Module, filter_fn, rep: Report, changes: _Changes)
         # submodels' configs and their sub-configs: all of them are kept for undo
         for config in _hf_configs(model):
             changes.keep(config, "_attn_implementation_internal")
-        previous = hf.enable(model)
-        rep.layers.append(
-            LayerEntry(
-                "", "attention", "swapped", f"transformers {previous!r}", "fastllm (transformers)"
-            )
-        )
+        rep.layers.append(hf_attention_entry(hf.enable(model)))
         return
     _swap_mha(model, "", filter_fn, rep, changes)
+
+
+def hf_attention_entry(previous: str) -> LayerEntry:
+    """The report's entry for a transformers model switched to fastllm attention from the
+    `previous` implementation (by optimize, fastllm.load and from_pretrained alike)."""
+    return LayerEntry(
+        "", "attention", "swapped", f"transformers {previous!r}", "fastllm (transformers)"
+    )
 
 
 def _hf_configs(model: nn.Module) -> list:

@@ -440,10 +440,7 @@ def load(model_or_config, directory: str | os.PathLike) -> nn.Module:
                     f"{directory / CONFIG_FILE}: cannot restore fastllm attention: {why}"
                 )
             previous_attn = hf.enable(model)
-            rep.layers.append(
-                _opt.LayerEntry("", "attention", "swapped", f"transformers {previous_attn!r}",
-                                "fastllm (transformers)")
-            )  # fmt: skip
+            rep.layers.append(_opt.hf_attention_entry(previous_attn))
         # parents first: an encoder layer is rebuilt before its self_attn
         for name in sorted(meta["modules"], key=lambda n: n.count(".")):
             info = meta["modules"][name]
