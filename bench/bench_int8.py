@@ -14,7 +14,7 @@ CPU:
   backend (C++ quantization and epilogue around torch._int_mm, or fastllm's AVX512-VNNI
   matmul for a few rows) and on the torch backend (eager PyTorch around _int_mm), and in
   w8a16 at M = 1 on the cpu backend (C++ kernel) and the torch backend, against float32
-  nn.Linear, torch._int_mm alone and (M <= 64, where the CPU has it) the VNNI matmul alone.
+  nn.Linear, torch._int_mm alone and (M <= 256, where the CPU has it) the VNNI matmul alone.
 Fused epilogues (GPU and CPU, per backend): int8_dynamic_linear with the activation
 (gelu), the residual add, and the gated MLP half (int8_dynamic_gated_linear, silu) with
 and without a quantized output, against the same backend's plain op followed by the
@@ -178,7 +178,7 @@ def _cpu(ctx: Context) -> None:
                 continue
             impls[f"Int8Linear w8a8 [{name}]"] = functools.partial(forced, q8, name)
         impls["torch._int_mm alone"] = lambda x_int8=x_int8: torch._int_mm(x_int8, wt)
-        if native_cpu.small_m_kernel() and M <= 64:  # the few-rows kernel (exact int32)
+        if native_cpu.small_m_kernel() and M <= 256:  # the few-rows kernel (exact int32)
             small = functools.partial(native_cpu.small_m_matmul, x_int8, q8.weight)
             if torch.equal(small(), torch._int_mm(x_int8, wt)):
                 impls["fastllm VNNI matmul alone"] = small

@@ -145,8 +145,8 @@ def report() -> list[str]:
         from fastllm.native import cpu as native_cpu
 
         few_rows = (
-            "fastllm's AVX512-VNNI int8 matmul for 2 to 8 rows (up to 64 on large weights), "
-            "torch._int_mm (oneDNN) otherwise"
+            "fastllm's AVX512-VNNI int8 matmul up to 16 rows (64 or 256 on larger weights), "
+            "torch._int_mm (oneDNN) above"
             if native_cpu.small_m_kernel()
             else "torch._int_mm (oneDNN) for every row count: this CPU has no AVX512-VNNI for "
             "fastllm's few-rows int8 matmul"

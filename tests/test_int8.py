@@ -621,10 +621,9 @@ def test_cpu_small_m_rows_choose_the_kernel_and_match_int_mm(monkeypatch):
     from fastllm.native import cpu as native_cpu
 
     uses = native_cpu.uses_small_m_kernel
-    assert not uses(1, 4096, 4096)  # oneDNN's own path for one row
-    assert uses(2, 64, 64) and uses(8, 64, 64) and not uses(9, 64, 64)
-    assert uses(32, 1024, 1024) and not uses(33, 1024, 1024)
-    assert uses(64, 4096, 4096) and not uses(65, 4096, 4096)
+    assert uses(1, 64, 64) and uses(16, 64, 64) and not uses(17, 64, 64)
+    assert uses(64, 1024, 1024) and not uses(65, 1024, 1024)
+    assert uses(256, 4096, 4096) and not uses(257, 4096, 4096)
     calls = []
     real = native.module()
 
@@ -638,7 +637,7 @@ def test_cpu_small_m_rows_choose_the_kernel_and_match_int_mm(monkeypatch):
 
     w_int8, w_scale = reference.quantize_per_channel(torch.randn(96, 200) * 0.05)
     bias = torch.randn(96)
-    for M in (2, 5, 8):
+    for M in (1, 2, 5, 16):
         x = torch.randn(M, 200)
         with monkeypatch.context() as m:
             m.setattr(native, "module", lambda: Spy())

@@ -1,12 +1,13 @@
-// int8 x int8 -> int32 matmul for the few rows of a decode step, on CPUs with AVX512-VNNI
-// (the cpu backend's W8A8 ops; fastllm/native/cpu.py chooses it over torch._int_mm).
+// int8 x int8 -> int32 matmul for decode steps and short prompts, on CPUs with AVX512-VNNI
+// (the cpu backend's W8A8 ops; fastllm/native/cpu.py chooses it over torch._int_mm up to a
+// row count that grows with the weight).
 //
 //   acc[m, n] = sum_k x[m, k] * w[n, k]        (exact: the same int32 as torch._int_mm)
 //
 // Why: oneDNN's _int_mm reorders the whole weight on every call when M > 1 (measured on a
-// 2-core Zen 4, one thread: K = N = 4096 takes 0.40 ms at M = 1 and 6.0 ms at M = 2), so a
-// batch of two decodes fifteen times slower than one. Here each weight byte is read once
-// per call, straight from its [N, K] rows.
+// 2-core Zen 4, one thread: K = N = 4096 takes 0.40 ms at M = 1 and 5.8 ms at M = 2), so a
+// batch of two decodes fifteen times slower than one. Here the weight is read straight
+// from its [N, K] rows, once per tile of ROWS rows of x.
 //
 // Unlike the other CPU kernels this one is written with intrinsics: the product it needs,
 // vpdpbusd (64 byte products summed four at a time into 16 int32 lanes), multiplies
@@ -40,6 +41,14 @@ constexpr int COLS = 4;  // weight rows (output columns) per tile
 
 #define FASTLLM_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
+// acc += the sums of four products of unsigned a and signed b bytes, per int32 lane
+// (vpdpbusd), in place: written with the intrinsic, GCC 12 copies every accumulator to
+// another register and the stack on each step (half the speed at M = 16).
+FASTLLM_VNNI __attribute__((always_inline)) inline void dpbusd(__m512i& acc, __m512i a,
+                                                               __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+}
+
 // [sum a, sum b, sum c, sum d] of four vectors of 16 int32 lanes (wrapping adds).
 FASTLLM_VNNI inline __m128i sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
   const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
@@ -68,7 +77,7 @@ FASTLLM_VNNI __attribute__((always_inline)) inline void step(__m512i (&a)[R][COL
   for (int r = 0; r < R; ++r) {
     const __m512i xv = _mm512_maskz_loadu_epi8(m, xr[r] + k);
 #pragma GCC unroll 8
-    for (int j = 0; j < COLS; ++j) a[r][j] = _mm512_dpbusd_epi32(a[r][j], wv[j], xv);
+    for (int j = 0; j < COLS; ++j) dpbusd(a[r][j], wv[j], xv);
   }
 }
 

@@ -1,8 +1,8 @@
 """Launchers of the C++ CPU kernels (backend "cpu"; kernels: csrc/quant/*_cpu.cpp,
 csrc/int8/*_cpu.cpp, csrc/attention/*_cpu.cpp).
 
-On the CPU the W8A8 matmul itself is `torch._int_mm` (oneDNN), or for the few rows of a
-decode step fastllm's AVX512-VNNI kernel (`int_mm` below: the same int32); what fastllm
+On the CPU the W8A8 matmul itself is `torch._int_mm` (oneDNN), or for decode steps and
+short prompts fastllm's AVX512-VNNI kernel (`int_mm` below: the same int32); what fastllm
 adds is the work around it, which in eager PyTorch costs more than the matmul at
 transformer sizes: per-token quantization (amax, divide, round, clamp, cast: five
 passes over the activations in PyTorch, one read here) and the epilogue (convert,
@@ -109,19 +109,18 @@ def epilogue(
     return out
 
 
-# oneDNN's torch._int_mm reorders the whole weight on every call with M > 1, so a few rows
-# go to fastllm's AVX512-VNNI kernel instead (csrc/int8/int8_mm_cpu.cpp; the same int32, bit
-# for bit), which reads each weight byte once. `fastllm bench int8` on a 2-core Zen 4 (2
-# threads, K = N = 4096), _int_mm against it: M = 1 0.17 / 0.16 ms, M = 2 2.97 / 0.15,
-# M = 4 3.12 / 0.28, M = 8 3.18 / 0.49, M = 16 3.39 / 0.79, M = 32 4.16 / 1.83, M = 64
-# 5.68 / 3.66. oneDNN's blocked kernel catches up sooner on smaller weights (one thread,
-# K = 384, N = 1536: even at M = 16; K = N = 1024: even at M = 64). One row stays on
-# oneDNN (its own matrix-vector path, as fast). Rows up to (weight elements at least, M):
-SMALL_M_LIMITS = ((1 << 24, 64), (1 << 20, 32), (0, 8))
+# oneDNN's torch._int_mm reorders the whole weight on every call with M > 1, so up to a few
+# hundred rows go to fastllm's AVX512-VNNI kernel instead (csrc/int8/int8_mm_cpu.cpp; the
+# same int32, bit for bit), which reads each weight byte once per tile of 4 rows. `fastllm
+# bench int8` on a 2-core Zen 4 (2 threads, K = N = 4096), _int_mm against it: see README
+# ("W8A8 decode batches on the CPU"). oneDNN's blocked kernel catches up sooner on smaller
+# weights (K = 384, N = 1536: even at M = 16; K = N = 1024: at M = 128). Rows up to, for
+# weights of at least this many elements:
+SMALL_M_LIMITS = ((1 << 24, 256), (1 << 20, 64), (0, 16))  # (elements, rows)
 
 
 def small_m_kernel() -> bool:
-    """Whether this build and CPU have the AVX512-VNNI int8 matmul for a few rows."""
+    """Whether this build and CPU have fastllm's AVX512-VNNI int8 matmul."""
     global _SMALL_M_KERNEL
     if _SMALL_M_KERNEL is None:
         mod = native.module() if native.load_error() is None else None
@@ -136,7 +135,7 @@ _SMALL_M_KERNEL: bool | None = None
 
 def uses_small_m_kernel(M: int, K: int, N: int) -> bool:
     """Whether `int_mm` takes fastllm's kernel for these sizes (else torch._int_mm)."""
-    if M < 2 or not small_m_kernel():
+    if M < 1 or not small_m_kernel():
         return False
     return M <= next(rows for elements, rows in SMALL_M_LIMITS if K * N >= elements)
 

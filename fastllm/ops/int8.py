@@ -42,7 +42,7 @@ op above, unchanged. Its impl is described at its backends below.
 
 The ``cuda`` backend is the launchers of fastllm/native/int8.py, registered below with
 their ``supports_*`` checks. The ``cpu`` backend (fastllm/native/cpu.py) is
-``torch._int_mm`` (or, for 2 to 64 rows on CPUs with AVX512-VNNI, fastllm's own int8
+``torch._int_mm`` (or, for up to 16-256 rows on CPUs with AVX512-VNNI, fastllm's own int8
 matmul: the same int32) between two C++ kernels of fastllm._C: per-token quantization in
 one read of x, and the epilogue in one pass written over the int32 accumulator; it gives
 the torch backend's results bit for bit.
