@@ -144,9 +144,12 @@ def report() -> list[str]:
         )
         from fastllm.native import cpu as native_cpu
 
+        limits = ", ".join(
+            f"{rows} rows from {elements:,} weight elements" if elements else f"{rows} otherwise"
+            for elements, rows in native_cpu.SMALL_M_LIMITS
+        )
         few_rows = (
-            "fastllm's AVX512-VNNI int8 matmul up to 16 rows (64 or 256 on larger weights), "
-            "torch._int_mm (oneDNN) above"
+            f"fastllm's AVX512-VNNI int8 matmul up to {limits}; torch._int_mm (oneDNN) above"
             if native_cpu.small_m_kernel()
             else "torch._int_mm (oneDNN) for every row count: this CPU has no AVX512-VNNI for "
             "fastllm's few-rows int8 matmul"

@@ -401,6 +401,16 @@ def _paged(kc, vc, block_size):
     return pages_k, pages_v, table
 
 
+def _cuda_caches(batch, s_max, hkv, head_dim, dtype, block_size):
+    """Random K and V caches (batch, s_max, hkv, head_dim) on the GPU, contiguous (block_size
+    None, table None) or scattered into shuffled pages of block_size tokens."""
+    kc = torch.randn(batch, s_max, hkv, head_dim, dtype=dtype, device="cuda")
+    vc = torch.randn(batch, s_max, hkv, head_dim, dtype=dtype, device="cuda")
+    if block_size is None:
+        return kc, vc, None
+    return _paged(kc, vc, block_size)
+
+
 def _check_decode(args, monkeypatch):
     q, kc, vc, lens, table, scale, causal, wl, wr, softcap, ns = args
     assert na.supports_decode(*args) is None, na.supports_decode(*args)
@@ -438,12 +448,8 @@ def test_decode_matches_reference(
     _need_kernels()
     batch, s_max = 3, 2000
     q = torch.randn(batch, q_len, hq, head_dim, dtype=dtype, device="cuda")
-    kc = torch.randn(batch, s_max, hkv, head_dim, dtype=dtype, device="cuda")
-    vc = torch.randn(batch, s_max, hkv, head_dim, dtype=dtype, device="cuda")
+    kc, vc, table = _cuda_caches(batch, s_max, hkv, head_dim, dtype, block_size)
     lens = torch.tensor([1, 777, s_max], dtype=torch.int32, device="cuda")
-    table = None
-    if block_size is not None:
-        kc, vc, table = _paged(kc, vc, block_size)
     _check_decode(_decode_args(q, kc, vc, lens, table, ns=num_splits), monkeypatch)
 
 
@@ -459,12 +465,8 @@ def test_decode_window_softcap(dtype, head_dim, causal, window, softcap, block_s
     _need_kernels()
     batch, s_max, q_len = 2, 4099, 4
     q = 3 * torch.randn(batch, q_len, 8, head_dim, dtype=dtype, device="cuda")
-    kc = torch.randn(batch, s_max, 2, head_dim, dtype=dtype, device="cuda")
-    vc = torch.randn(batch, s_max, 2, head_dim, dtype=dtype, device="cuda")
+    kc, vc, table = _cuda_caches(batch, s_max, 2, head_dim, dtype, block_size)
     lens = torch.tensor([2, 4001], dtype=torch.int32, device="cuda")
-    table = None
-    if block_size is not None:
-        kc, vc, table = _paged(kc, vc, block_size)
     for ns in (0, 5):
         args = _decode_args(
             q, kc, vc, lens, table, causal=causal, window=window, softcap=softcap, ns=ns
@@ -561,12 +563,8 @@ def test_decode_values_of_masked_keys_stay_out(dtype, head_dim, block_size):
     _need_kernels()
     batch, s_max = 2, 300
     q = torch.randn(batch, 4, 8, head_dim, dtype=dtype, device="cuda")
-    kc = torch.randn(batch, s_max, 2, head_dim, dtype=dtype, device="cuda")
-    vc = torch.randn(batch, s_max, 2, head_dim, dtype=dtype, device="cuda")
+    kc, vc, table = _cuda_caches(batch, s_max, 2, head_dim, dtype, block_size)
     lens = torch.tensor([200, 300], dtype=torch.int32, device="cuda")
-    table = None
-    if block_size is not None:
-        kc, vc, table = _paged(kc, vc, block_size)
 
     def poisoned(positions):  # (sequence, position, value)
         out = vc.clone()
