@@ -20,6 +20,8 @@ Contenders (a runtime that is not installed is skipped with a message; install t
     fastllm-w8a8-compile the same under torch.compile
     fastllm-w8a8-fused   fastllm.optimize(linear="w8a8", fuse=True): norms, activations and
                          residual adds in fastllm's ops; -fused-compile under torch.compile
+    fastllm-w8a8-fused-unpad  the same with unpad=True: the encoder runs on the batch's
+                         valid tokens only (eager; under torch.compile the batch stays padded)
     ort-fp32, ort-int8   ONNX Runtime: the model exported by torch.onnx.export, and
                          onnxruntime.quantization.quantize_dynamic (int8 weights, dynamic
                          per-tensor activation scales)
@@ -77,6 +79,7 @@ CONTENDERS = (
     "fastllm-w8a8-compile",
     "fastllm-w8a8-fused",
     "fastllm-w8a8-fused-compile",
+    "fastllm-w8a8-fused-unpad",
     "ort-fp32",
     "ort-int8",
     "ov-fp32",
@@ -88,6 +91,7 @@ QUICK_CONTENDERS = (
     "pytorch-fp32",
     "fastllm-w8a8",
     "fastllm-w8a8-fused",
+    "fastllm-w8a8-fused-unpad",
     "ort-int8",
     "ov-fp32",
     "ov-int8-static",
@@ -234,7 +238,13 @@ def build(name: str, base, calib: list[dict], batch: dict, cache: Path, threads:
         import fastllm
 
         model = copy.deepcopy(base)
-        fastllm.optimize(model, calibration=calib, linear="w8a8", fuse="-fused" in name)
+        fastllm.optimize(
+            model,
+            calibration=calib,
+            linear="w8a8",
+            fuse="-fused" in name,
+            unpad=name.endswith("-unpad"),
+        )
         return torch.compile(model) if name.endswith("compile") else model
     onnx_path = export_onnx(base, batch, cache / "model.onnx")
     if name == "ort-fp32":

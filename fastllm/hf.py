@@ -133,14 +133,15 @@ class SegmentMask:
     [pad before, valid, pad after] of each sequence, over the flattened padded batch
     (batch·q_len queries, batch·kv_len keys); None when the padding has holes (segments
     cannot express it). `causal` comes from the mask function, `window_left` (or -1) from
-    a causal sliding window.
+    a causal sliding window. max_seqlen: the longest segment, for a packed batch
+    (fastllm.unpad); None: q_len and kv_len.
 
     For a decode step (`decode_layout`): cache_seqlens int32 (batch,), the keys each
     sequence's queries see, and key_order int64 (batch, kv_len), the positions of each
     sequence's valid keys first, in order; both None when the step is not served by
-    decode_attention. holes: the padding has a hole inside a sequence (eager mode only;
-    then `dense()` builds the boolean 4-D mask of transformers' SDPA path, the fallback
-    of a layer that cannot decode).
+    decode_attention. holes: the padding has a hole inside a sequence (eager mode only).
+    `dense()` builds the boolean 4-D mask of transformers' SDPA path, for the calls that
+    fall back to it (dropout, a position bias, holes in a layer that cannot decode).
     """
 
     # generate() with a compileable (static) cache builds each step's mask before the
@@ -161,6 +162,7 @@ class SegmentMask:
         key_order=None,
         holes=False,
         dense=None,
+        max_seqlen=None,
     ):
         self.cu_seqlens_q = cu_seqlens_q
         self.cu_seqlens_k = cu_seqlens_k
@@ -172,6 +174,7 @@ class SegmentMask:
         self.key_order = key_order
         self.holes = holes
         self.dense = dense
+        self.max_seqlen = max_seqlen
 
     def __repr__(self) -> str:
         segments = None if self.cu_seqlens_q is None else self.cu_seqlens_q.numel() - 1
@@ -345,8 +348,9 @@ def attention_mask(
             None, None, q_length, kv_length, causal, window_left, seqlens, order, True, sdpa_mask
         )
     return SegmentMask(
-        _cu(q_lens), _cu(k_lens), q_length, kv_length, causal, window_left, seqlens, order
-    )
+        _cu(q_lens), _cu(k_lens), q_length, kv_length, causal, window_left, seqlens, order,
+        dense=sdpa_mask,
+    )  # fmt: skip
 
 
 # --- the attention function ---------------------------------------------------------------
@@ -409,20 +413,18 @@ def attention_forward(
     """
     from fastllm import backend, ops
 
+    if dropout > 0.0 or kwargs.get("position_bias") is not None:
+        why = f"dropout {dropout}" if dropout > 0.0 else "position bias"
+        if isinstance(attention_mask, SegmentMask):
+            attention_mask = attention_mask.dense()
+        return _fallback(
+            module, query, key, value, attention_mask, dropout, scaling, why,
+            is_causal=is_causal, **kwargs,
+        )  # fmt: skip
     if isinstance(attention_mask, torch.Tensor):
         return _fallback(
             module, query, key, value, attention_mask, dropout, scaling,
             "explicit mask tensor", is_causal=is_causal, softcap=softcap, **kwargs,
-        )  # fmt: skip
-    if dropout > 0.0:
-        return _fallback(
-            module, query, key, value, attention_mask, dropout, scaling,
-            f"dropout {dropout}", is_causal=is_causal, **kwargs,
-        )  # fmt: skip
-    if kwargs.get("position_bias") is not None:
-        return _fallback(
-            module, query, key, value, attention_mask, dropout, scaling,
-            "position bias", is_causal=is_causal, **kwargs,
         )  # fmt: skip
 
     B, Hq, Sq, D = query.shape
@@ -498,8 +500,8 @@ def attention_forward(
         softcap=cap,
         cu_seqlens_q=m.cu_seqlens_q,
         cu_seqlens_k=m.cu_seqlens_k,
-        max_seqlen_q=Sq,
-        max_seqlen_k=Sk,
+        max_seqlen_q=m.max_seqlen or Sq,
+        max_seqlen_k=m.max_seqlen or Sk,
     )
     if not _compiling():
         _record(module, f"attention:{backend.last_backend('attention')}")

@@ -164,7 +164,7 @@ def module_records(model: nn.Module) -> dict:
     modules = dict(model.named_modules())
     records = {}
     for e in _report(model).layers:
-        if e.kind not in s._LAYER_TYPES:  # fused modules: built again after loading
+        if e.kind not in s._LAYER_TYPES:  # fused modules, hooks: made again after loading
             continue
         if e.action in ("swapped", "kept") and e.name and e.name in modules:
             m = modules[e.name]
@@ -192,6 +192,7 @@ def config_for(model: nn.Module):
         linear=options.get("linear"),
         attention=attention,
         fuse=options.get("fuse", False),
+        unpad=options.get("unpad", False),
         backend=options.get("backend"),
         modules=module_records(model),
         options=options,
@@ -380,6 +381,9 @@ def _finish_loading(model: nn.Module, config, checkpoint_files) -> None:
     if config.fuse:
         rep.options["fuse"] = True
         opt.apply_fusion(model)
+    if config.unpad:
+        rep.options["unpad"] = True
+        opt.apply_unpad(model)
 
 
 # --- registration --------------------------------------------------------------------------
@@ -489,6 +493,8 @@ def _classes() -> tuple[type, type]:
                 checkpoint's config: whether it was on.
             fuse: also swap in the fused modules (fastllm.optimize's fuse=); in a saved
                 checkpoint's config: they are built again after its tensors load.
+            unpad: run the encoder on the valid tokens of a padded batch only
+                (fastllm.optimize's unpad=); in a saved checkpoint's config: hooked again.
             backend: force one fastllm backend for every forward pass; None: chosen per call.
             calibration: batches for SmoothQuant (w8a8) and Wanda (sparse) when a float
                 checkpoint is optimized while loading. Kept in memory only, never written
@@ -512,6 +518,7 @@ def _classes() -> tuple[type, type]:
             *,
             attention: bool = True,
             fuse: bool = False,
+            unpad: bool = False,
             backend: str | None = None,
             calibration=None,
             modules: dict | None = None,
@@ -535,6 +542,8 @@ def _classes() -> tuple[type, type]:
                 raise ValueError(f"attention must be True or False, got {attention!r}")
             if not isinstance(fuse, bool):
                 raise ValueError(f"fuse must be True or False, got {fuse!r}")
+            if not isinstance(unpad, bool):
+                raise ValueError(f"unpad must be True or False, got {unpad!r}")
             if backend is not None and backend not in BACKENDS:
                 raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
             if options is not None and not isinstance(options, dict):
@@ -553,6 +562,7 @@ def _classes() -> tuple[type, type]:
             self.linear = _linear_dict(linear, linear_options)
             self.attention = attention
             self.fuse = fuse
+            self.unpad = unpad
             self.backend = backend
             self.modules = _check_modules(modules)
             self.options = copy.deepcopy(options)
@@ -574,6 +584,7 @@ def _classes() -> tuple[type, type]:
                 "attention": self.attention,
                 "linear": linear,
                 "fuse": self.fuse,
+                "unpad": self.unpad,
                 "backend": self.backend,
             }
 

@@ -343,7 +343,7 @@ def _failure(model: nn.Module, changes: _Changes, error: Exception) -> RuntimeEr
 
 # --- optimize ------------------------------------------------------------------------------
 
-_OPTIONS = ("attention", "linear", "calibration", "fuse", "filter_fn", "backend")
+_OPTIONS = ("attention", "linear", "calibration", "fuse", "unpad", "filter_fn", "backend")
 
 
 def _make_linear_config(linear, options: dict) -> LinearConfig | None:
@@ -376,6 +376,7 @@ def optimize(
     linear: str | LinearConfig | None = None,
     calibration: Iterable | None = None,
     fuse: bool = False,
+    unpad: bool = False,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     backend: str | None = None,
     **options,
@@ -397,6 +398,10 @@ def optimize(
             MLP and output blocks into the GEMMs' epilogues. Each is checked against the
             module it replaces on a probe input; the report lists what was fused and why
             the rest was not.
+        unpad: run a transformers encoder (BERT-type, with attention=True) on the valid
+            tokens of a padded batch only, packed into one sequence, and scatter its output
+            back: the same values at the valid positions, zeros at the padded ones, and no
+            work spent on padding (fastllm.unpad).
         filter_fn: `filter_fn(qualified_name, module) -> bool`; layers for which it is
             false are left alone.
         backend: force one fastllm backend ("cuda", "triton", "cpu", "torch", "reference") for
@@ -413,6 +418,8 @@ def optimize(
         raise ValueError(f"attention must be True or False, got {attention!r}")
     if not isinstance(fuse, bool):
         raise ValueError(f"fuse must be True or False, got {fuse!r}")
+    if not isinstance(unpad, bool):
+        raise ValueError(f"unpad must be True or False, got {unpad!r}")
     if backend is not None and backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be None or one of {_backend.BACKENDS}, got {backend!r}")
     if filter_fn is not None and not callable(filter_fn):
@@ -431,6 +438,7 @@ def optimize(
         "attention": attention,
         "linear": cfg.to_dict() if cfg else None,
         "fuse": fuse,
+        "unpad": unpad,
         "backend": backend,
         "filter_fn": None if filter_fn is None else getattr(filter_fn, "__name__", "custom"),
     }
@@ -468,6 +476,8 @@ def optimize(
             _swap_linears(model, cfg, batches, filter_fn, rep, changes, tp)
         if fuse:
             _fuse(model, cfg.kind if cfg is not None else None, filter_fn, rep, changes)
+        if unpad:
+            _unpad(model, rep, changes)
         _guard_fast_paths(model, rep, changes)
     except BaseException as e:
         error = _failure(model, changes, e) if isinstance(e, Exception) else None
@@ -890,6 +900,37 @@ def apply_fusion(model: nn.Module) -> None:
     except BaseException:
         changes.undo()
         raise
+
+
+# --- padding-free encoders ----------------------------------------------------------------
+
+
+def _unpad(model: nn.Module, rep: Report, changes: _Changes) -> None:
+    from fastllm import hf, unpad
+
+    changes.at("", "hooking the encoder for padding-free calls")
+    found = unpad.find_encoder(model)
+    if isinstance(found, str):
+        entry = LayerEntry("", "unpad", "skipped", type(model).__name__, None, found)
+    else:
+        name, module = found
+        before = type(module).__name__
+        if unpad.is_enabled(module):
+            entry = LayerEntry(name, "unpad", "kept", before, None, None)
+        elif not hf.enabled(model):
+            why = "needs fastllm attention (attention=True): its mask gives the segments"
+            entry = LayerEntry(name, "unpad", "skipped", before, None, why)
+        else:
+            handles = unpad.enable(module)
+            changes.on_undo(lambda: [h.remove() for h in handles])
+            entry = LayerEntry(name, "unpad", "swapped", before, f"{before} on valid tokens")
+    rep.layers = [e for e in rep.layers if e.kind != "unpad"] + [entry]
+
+
+def apply_unpad(model: nn.Module) -> None:
+    """Hooks the encoder of a model rebuilt from a save made with unpad=True (fastllm.load,
+    transformers' from_pretrained), recorded in its report."""
+    _unpad(model, getattr(model, _REPORT_ATTR), _Changes())
 
 
 # --- tensor parallelism --------------------------------------------------------------------

@@ -51,6 +51,11 @@ CONFIGS = {
         {"linear": "w8a8", "fuse": True},
         True,
     ),
+    "w8a8+fused+unpad": (
+        "attention + w8a8, SmoothQuant, fused, the encoder on valid tokens only",
+        {"linear": "w8a8", "fuse": True, "unpad": True},
+        True,
+    ),
     "fused": ("attention + fused norms", {"fuse": True}, False),
     "w8a8-plain": (
         "attention + w8a8, no SmoothQuant",
@@ -66,7 +71,16 @@ CONFIGS = {
     ),
     "2:4+w8a8": ("attention + 2:4 int8 (Wanda)", {"linear": "2:4+w8a8"}, True),
 }
-DEFAULT_CONFIGS = ("attention", "w8a8", "w8a8+fused", "w8a8-plain", "w8a16", "2:4", "block")
+DEFAULT_CONFIGS = (
+    "attention",
+    "w8a8",
+    "w8a8+fused",
+    "w8a8+fused+unpad",
+    "w8a8-plain",
+    "w8a16",
+    "2:4",
+    "block",
+)
 DTYPES = ("float32", "bfloat16", "float16")
 # a Hugging Face model directory has at least one of these beside config.json when it has
 # a tokenizer (transformers 5 would otherwise build one that knows only special tokens)

@@ -144,7 +144,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     for e in rep.layers:
         if e.action not in ("swapped", "kept") or e.name not in modules or e.name == "":
             continue
-        if e.kind not in _LAYER_TYPES:  # fused modules: built again by load (options.fuse)
+        if e.kind not in _LAYER_TYPES:  # fused modules, hooks: made again by load (options)
             continue
         m = modules[e.name]
         swapped[e.name] = {
@@ -281,6 +281,7 @@ def _read_meta(directory: Path) -> dict:
     options = _field(meta, "options", _is_dict, "an object", path)
     _field(options, "backend", _one_of((None, *BACKENDS)), f"null or one of {BACKENDS}", path, None)
     _field(options, "fuse", _is_bool, "true or false", path, False)
+    _field(options, "unpad", _is_bool, "true or false", path, False)
     _field(meta, "calibration", _is_str, "a string", path, "none")
     _field(meta, "hf_attention", _is_bool, "true or false", path, False)
     _field(meta, "aliases", lambda v: _is_dict(v) and all(map(_is_str, v.values())),
@@ -474,6 +475,8 @@ def load(model_or_config, directory: str | os.PathLike) -> nn.Module:
     model._fastllm_report = rep
     if meta["options"].get("fuse"):
         _opt.apply_fusion(model)
+    if meta["options"].get("unpad"):
+        _opt.apply_unpad(model)
     _opt._attach_hf_quantizer(model)
     return model
 

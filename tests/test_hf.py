@@ -659,3 +659,25 @@ def test_minilm_accuracy(minilm, config):
     print(f"{config}: mean cosine {cos.mean():.6f}, worst {cos.min():.6f}")
     assert cos.mean() >= mean_min and cos.min() >= worst_min
     assert fastllm.report(model).backends()  # something fastllm served the layers
+
+
+def test_training_with_padding_falls_back_with_the_dense_mask():
+    """Attention dropout (a model in training mode) is transformers' SDPA path: a padded
+    batch hands it the boolean mask, never fastllm's segment mask."""
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        vocab_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+    )  # fmt: skip
+    model = transformers.BertModel(cfg).train()
+    ids = torch.randint(3, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    torch.manual_seed(3)
+    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    fastllm.optimize(model)
+    model.train()
+    torch.manual_seed(3)
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(out, ref)
+    (layer,) = [m for _, m in hf.attention_modules(model)]
+    assert layer.fastllm_backend == "sdpa (fallback: dropout 0.1)"

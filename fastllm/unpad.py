@@ -1,0 +1,202 @@
+"""Padding-free forward passes of transformers encoders: `fastllm.optimize(model, unpad=True)`.
+
+A padded batch of sentences of different lengths spends much of an encoder's work on its
+padding: every linear layer, norm and activation runs on every position, pads included,
+and only attention looks at the mask (all-MiniLM-L6-v2's benchmark batch, 32 sentences
+padded to 30 tokens, holds 447 tokens in 960 positions). With unpad, the valid tokens of the
+batch are gathered into one packed sequence [1, tokens, hidden] before the encoder's first
+layer; the encoder's own layers run on it, their attention calls getting a packed mask
+(one varlen segment per sentence, `PackedMask`); after the last layer the result is
+scattered back to [batch, seq_len, hidden], with **zeros at the padded positions**
+(fastllm leaves the outputs at padded positions unspecified in any case: fastllm.hf). Every
+per-token operation sees the same rows as in the padded batch, so the valid positions get
+the same values (bit for bit with fastllm's CPU kernels: tests/test_unpad.py).
+
+How: a forward pre-hook and a forward hook on the encoder module (PyTorch's
+`register_forward_pre_hook` / `register_forward_hook`, with kwargs): no transformers code
+is patched, the module tree and the state_dict are unchanged, and the hooks keep no state
+between calls (the post-hook finds what it needs on the packed mask it is handed back).
+
+Which module: in a transformers model that is neither a decoder nor an encoder-decoder
+(no causal or cross-attention layers), the outermost module whose forward takes
+`hidden_states` first and an `attention_mask`, and which holds its layers in an
+nn.ModuleList (BERT, RoBERTa, XLM-RoBERTa, ELECTRA...: `encoder`). Others are reported as
+skipped, with the reason.
+
+A call goes through padded, as without unpad, when packing would gain nothing or could
+change a result: the mask is not fastllm's segment mask of a bidirectional layer (no
+padding in the batch, attention not fastllm's, a 4-D mask given by the user), another
+tensor argument reaches the encoder (position_ids, encoder_hidden_states, position
+embeddings: per-position inputs that would need packing too), a cache is passed, every
+layer's hidden states or attentions are asked for (`output_hidden_states`,
+`output_attentions`, in the call or in the config: they are collected per layer, in the
+padded shape), the module is in training mode, no token is valid, or inside
+torch.compile (the packed length depends on the data).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from fastllm import hf
+
+
+class PackedMask(hf.SegmentMask):
+    """The mask a packed encoder call hands to its attention layers: one bidirectional
+    segment per sequence (cu_seqlens over the packed tokens, max_seqlen the longest), and
+    what the post-hook needs to scatter the result back: `index`, int64 (tokens,), the
+    positions of the valid tokens in the flattened [batch * seq_len] padded batch, and
+    the padded shape (batch, seq_len)."""
+
+    def __init__(self, cu_seqlens, max_seqlen, index, batch, seq_len):
+        tokens = index.numel()
+        super().__init__(
+            cu_seqlens, cu_seqlens, tokens, tokens, False, -1,
+            dense=self._block_diagonal, max_seqlen=max_seqlen,
+        )  # fmt: skip
+        self.index = index
+        self.batch = batch
+        self.seq_len = seq_len
+
+    def _block_diagonal(self) -> torch.Tensor:
+        """bool (1, 1, tokens, tokens): each token sees the tokens of its own sequence."""
+        cu = self.cu_seqlens_q.long()
+        lengths = cu.diff()
+        seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+        return (seq[:, None] == seq[None, :])[None, None]
+
+
+def _forward_params(module: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):  # no signature to read: not a module this recognises
+        return []
+
+
+def _is_encoder(module: nn.Module) -> bool:
+    params = _forward_params(module)
+    return (
+        bool(params)
+        and params[0] == "hidden_states"
+        and "attention_mask" in params
+        and any(isinstance(c, nn.ModuleList) for c in module.children())
+    )
+
+
+def find_encoder(model: nn.Module) -> tuple[str, nn.Module] | str:
+    """(qualified name, module) of the encoder `unpad` hooks, or why there is none."""
+    if not hf.is_hf_model(model):
+        return "not a transformers model"
+    config = model.config
+    for flag in ("is_decoder", "is_encoder_decoder", "add_cross_attention"):
+        if getattr(config, flag, False):
+            return f"config.{flag} is set: only encoder-only models are packed"
+    for name, module in model.named_modules():
+        if _is_encoder(module):
+            return name, module
+    return (
+        "no encoder module found (a module whose forward takes hidden_states and "
+        "attention_mask and whose layers are an nn.ModuleList)"
+    )
+
+
+def is_enabled(module: nn.Module) -> bool:
+    return any(h is _pack for h in module._forward_pre_hooks.values())
+
+
+def enable(module: nn.Module) -> list:
+    """Hooks `module` (an encoder found by find_encoder); returns the hooks' handles."""
+    return [
+        module.register_forward_pre_hook(_pack, with_kwargs=True),
+        module.register_forward_hook(_scatter, with_kwargs=True),
+    ]
+
+
+_PASSED = ("hidden_states", "attention_mask")
+
+
+def _argument(args: tuple, kwargs: dict, position: int, name: str):
+    return args[position] if len(args) > position else kwargs.get(name)
+
+
+def _has_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, list | tuple):
+        return any(_has_tensor(v) for v in value)
+    return False
+
+
+def _packable(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    if module.training or torch.compiler.is_compiling():
+        return False
+    config = getattr(module, "config", None)
+    for flag in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(flag) or getattr(config, flag, False):
+            return False
+    if kwargs.get("use_cache") or kwargs.get("cache") is not None:
+        return False
+    if kwargs.get("past_key_values") is not None:
+        return False
+    others = list(args[len(_PASSED) :]) + [v for k, v in kwargs.items() if k not in _PASSED]
+    return not any(_has_tensor(v) for v in others)
+
+
+def _pack(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: the valid tokens of the padded batch as one packed sequence."""
+    hidden = _argument(args, kwargs, 0, "hidden_states")
+    mask = _argument(args, kwargs, 1, "attention_mask")
+    if (
+        not isinstance(hidden, torch.Tensor)
+        or hidden.dim() != 3
+        or type(mask) is not hf.SegmentMask
+        or mask.cu_seqlens_k is None
+        or mask.causal
+        or mask.window_left >= 0
+        or mask.cache_seqlens is not None
+        or not (mask.q_len == mask.kv_len == hidden.shape[1])
+        or not _packable(module, args, kwargs)
+    ):
+        return None
+    batch, seq_len, width = hidden.shape
+    # the key segments [pad before, valid, pad after] of each sequence (a bidirectional
+    # layer's queries are all of its positions)
+    before, valid, _ = mask.cu_seqlens_k.diff().view(batch, 3).long().unbind(1)
+    pos = torch.arange(seq_len, device=hidden.device)
+    keep = (pos >= before[:, None]) & (pos < (before + valid)[:, None])
+    index = keep.view(-1).nonzero().squeeze(1)
+    if index.numel() == 0:
+        return None
+    cu = torch.nn.functional.pad(valid.cumsum(0), (1, 0)).to(torch.int32)
+    packed = PackedMask(cu, int(valid.max()), index, batch, seq_len)
+    tokens = hidden.reshape(batch * seq_len, width).index_select(0, index).unsqueeze(0)
+    args, kwargs = list(args), dict(kwargs)
+    for position, name, value in ((0, "hidden_states", tokens), (1, "attention_mask", packed)):
+        if len(args) > position:
+            args[position] = value
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
+
+
+def _repad(packed: PackedMask, out: torch.Tensor) -> torch.Tensor:
+    width = out.shape[-1]
+    full = out.new_zeros(packed.batch * packed.seq_len, width)
+    full.index_copy_(0, packed.index, out.reshape(-1, width))
+    return full.view(packed.batch, packed.seq_len, width)
+
+
+def _scatter(module: nn.Module, args: tuple, kwargs: dict, output):
+    """Forward hook: the packed result back in the padded batch's shape."""
+    packed = _argument(args, kwargs, 1, "attention_mask")
+    if not isinstance(packed, PackedMask):
+        return None
+    if isinstance(output, torch.Tensor):
+        return _repad(packed, output)
+    if isinstance(output, tuple):  # a ModelOutput is a dict, not a tuple
+        return (_repad(packed, output[0]), *output[1:])
+    output["last_hidden_state"] = _repad(packed, output["last_hidden_state"])
+    return output

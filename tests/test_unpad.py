@@ -1,0 +1,224 @@
+"""`fastllm.optimize(model, unpad=True)` (fastllm/unpad.py): a transformers encoder run on
+the valid tokens of a padded batch against the same model on the padded batch — values at
+the valid positions, zeros at the padded ones — and every case that must stay padded."""
+
+import copy
+import sys
+
+import pytest
+import torch
+from conftest import cpu_default, rel_err
+
+import fastllm
+from fastllm import unpad
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert(**kw):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=120,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=112,
+        max_position_embeddings=64,
+        **kw,
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+def _batch(lengths, seq_len=13, left=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (len(lengths), seq_len), generator=g)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, seq_len - n :] = 1
+        else:
+            mask[b, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _pair(make=_bert, **kw):
+    """(padded, unpadded): the same model optimized alike, with and without unpad."""
+    base = make()
+    padded, packed = copy.deepcopy(base), copy.deepcopy(base)
+    fastllm.optimize(padded, **kw)
+    fastllm.optimize(packed, unpad=True, **kw)
+    return padded, packed
+
+
+def _entry(model):
+    (entry,) = [e for e in fastllm.report(model).layers if e.kind == "unpad"]
+    return entry
+
+
+@torch.no_grad()
+def _hidden(model, batch, **kw):
+    return model(**batch, **kw).last_hidden_state
+
+
+CALIB = [_batch([13, 9, 4], seed=5)]
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"linear": "w8a8", "calibration": CALIB, "fuse": True}],
+    ids=["float", "w8a8+fused"],
+)
+def test_valid_positions_as_padded_and_pads_zero(options, left):
+    padded, packed = _pair(**options)
+    batch = _batch([13, 5, 1, 8], left=left)
+    ref, out = _hidden(padded, batch), _hidden(packed, batch)
+    valid = batch["attention_mask"].bool()
+    if options and cpu_default("attention") == "cpu":
+        # fastllm's CPU kernels compute each row alike whatever the other rows are
+        assert torch.equal(out[valid], ref[valid])
+    else:
+        assert rel_err(out[valid], ref[valid]) < 1e-5
+    assert torch.count_nonzero(out[~valid]) == 0
+    assert out.shape == ref.shape
+    entry = _entry(packed)
+    assert (entry.name, entry.action, entry.before) == ("encoder", "swapped", "BertEncoder")
+    # the attention layers saw the packed batch: one segment per sentence
+    layer = packed.encoder.layer[0].attention.self
+    assert layer.fastllm_backend == f"attention:{cpu_default('attention')}"
+
+
+def test_a_sequence_with_no_valid_token():
+    padded, packed = _pair()
+    batch = _batch([6, 0, 13])
+    ref, out = _hidden(padded, batch), _hidden(packed, batch)
+    valid = batch["attention_mask"].bool()
+    assert rel_err(out[valid], ref[valid]) < 1e-5
+    assert torch.count_nonzero(out[1]) == 0
+
+
+def _hooked_calls(model, batch, **kw):
+    """Whether the encoder ran on packed tokens for this call, and its output."""
+    seen = []
+    handle = model.encoder.layer[0].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].shape[0])
+    )
+    try:
+        out = model(**batch, **kw)
+    finally:
+        handle.remove()
+    return seen == [1], out
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no padding", "no valid token", "position_ids", "output_hidden_states", "config flag",
+     "training"],
+)  # fmt: skip
+def test_calls_that_stay_padded(case):
+    padded, packed = _pair(_bert, **{})
+    batch = _batch([13, 6, 2])
+    kw = {}
+    if case == "no padding":
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    elif case == "no valid token":
+        batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    elif case == "position_ids":
+        kw["position_ids"] = torch.arange(13).expand(3, 13)
+    elif case == "output_hidden_states":
+        kw["output_hidden_states"] = True
+    elif case == "config flag":
+        packed.config.output_hidden_states = padded.config.output_hidden_states = True
+    for m in (padded, packed):
+        m.train(case == "training")  # dropout 0.1: the same seed for both
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ref = padded(**batch, **kw)
+        torch.manual_seed(1)
+        was_packed, out = _hooked_calls(packed, batch, **kw)
+    assert not was_packed
+    assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+    if "hidden" in case or case == "config flag":
+        assert len(out.hidden_states) == 3
+        assert all(h.shape == (3, 13, 64) for h in out.hidden_states)
+    # and a plain padded call to the same model is packed
+    packed.config.output_hidden_states = False
+    packed.eval()
+    assert _hooked_calls(packed, _batch([13, 6, 2]))[0]
+
+
+def test_models_that_are_not_packed():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2))
+    fastllm.optimize(gpt2.eval(), unpad=True)
+    assert _entry(gpt2).action == "skipped"
+    assert "no encoder module" in _entry(gpt2).reason
+    decoder = _bert(is_decoder=True)
+    fastllm.optimize(decoder, unpad=True)
+    assert _entry(decoder).reason.startswith("config.is_decoder is set")
+    assert not unpad.is_enabled(decoder.encoder)
+    # without fastllm attention there is no segment mask to pack by
+    plain = _bert()
+    fastllm.optimize(plain, attention=False, unpad=True)
+    assert _entry(plain).action == "skipped"
+    assert "needs fastllm attention" in _entry(plain).reason
+    assert not unpad.is_enabled(plain.encoder)
+
+
+def test_optimize_twice_hooks_once_and_state_dict_is_unchanged():
+    base = _bert()
+    model = copy.deepcopy(base)
+    fastllm.optimize(model, unpad=True)
+    fastllm.optimize(model, unpad=True)
+    assert _entry(model).action == "kept"
+    assert len(model.encoder._forward_pre_hooks) == 1
+    assert len(model.encoder._forward_hooks) == 1
+    assert model.state_dict().keys() == base.state_dict().keys()
+    with pytest.raises(ValueError, match="unpad must be True or False, got 'yes'"):
+        fastllm.optimize(_bert(), unpad="yes")
+
+
+def test_an_error_while_optimizing_removes_the_hooks(monkeypatch):
+    model = _bert()
+
+    def fail(model, *args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sys.modules["fastllm.optimize"], "_guard_fast_paths", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        fastllm.optimize(model, unpad=True)
+    assert not unpad.is_enabled(model.encoder)
+    assert not model.encoder._forward_hooks
+
+
+def test_save_and_load_hook_the_encoder_again(tmp_path):
+    padded, packed = _pair(linear="w8a8", calibration=CALIB, fuse=True)
+    batch = _batch([13, 5, 9])
+    fastllm.save(packed, tmp_path / "f")
+    loaded = fastllm.load(_bert(), tmp_path / "f")
+    assert unpad.is_enabled(loaded.encoder)
+    assert torch.equal(_hidden(loaded, batch), _hidden(packed, batch))
+    packed.save_pretrained(tmp_path / "hf")
+    loaded = transformers.BertModel.from_pretrained(tmp_path / "hf").eval()
+    assert loaded.config.quantization_config.unpad is True
+    assert unpad.is_enabled(loaded.encoder)
+    assert torch.equal(_hidden(loaded, batch), _hidden(packed, batch))
+    with pytest.raises(ValueError, match="unpad must be True or False"):
+        fastllm.hf.FastllmConfig(unpad=1)
+
+
+def test_torch_compile_stays_padded():
+    padded, packed = _pair()
+    batch = _batch([13, 5, 9])
+    compiled = torch.compile(packed)
+    with torch.no_grad():
+        out = compiled(**batch).last_hidden_state
+    assert rel_err(out, _hidden(padded, batch)) < 1e-5  # the padded positions too
+
+
+def test_packed_mask_dense_form():
+    cu = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    m = unpad.PackedMask(cu, 3, torch.arange(5), 3, 4)
+    seq = torch.tensor([0, 0, 2, 2, 2])
+    assert torch.equal(m.dense(), (seq[:, None] == seq[None, :])[None, None])
+    assert (m.q_len, m.kv_len, m.max_seqlen, m.causal) == (5, 5, 3, False)
