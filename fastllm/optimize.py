@@ -923,7 +923,13 @@ def _unpad(model: nn.Module, rep: Report, changes: _Changes) -> None:
         else:
             handles = unpad.enable(module)
             changes.on_undo(lambda: [h.remove() for h in handles])
-            entry = LayerEntry(name, "unpad", "swapped", before, f"{before} on valid tokens")
+            why = unpad.probe(model, module)
+            if why is None:
+                entry = LayerEntry(name, "unpad", "swapped", before, f"{before} on valid tokens")
+            else:
+                for h in handles:
+                    h.remove()
+                entry = LayerEntry(name, "unpad", "skipped", before, None, why)
     rep.layers = [e for e in rep.layers if e.kind != "unpad"] + [entry]
 
 

@@ -20,8 +20,10 @@ between calls (the post-hook finds what it needs on the packed mask it is handed
 Which module: in a transformers model that is neither a decoder nor an encoder-decoder
 (no causal or cross-attention layers), the outermost module whose forward takes
 `hidden_states` first and an `attention_mask`, and which holds its layers in an
-nn.ModuleList (BERT, RoBERTa, XLM-RoBERTa, ELECTRA...: `encoder`). Others are reported as
-skipped, with the reason.
+nn.ModuleList (BERT, RoBERTa, XLM-RoBERTa, ELECTRA...: `encoder`; DistilBERT: `transformer`),
+and which passes `probe`: on a random batch with padding, packed and padded give the same
+values at the valid positions (an encoder that computes positions from its input's layout
+would not). Others are reported as skipped, with the reason.
 
 A call goes through padded, as without unpad, when packing would gain nothing or could
 change a result: the mask is not fastllm's segment mask of a bidirectional layer (no
@@ -115,6 +117,66 @@ def enable(module: nn.Module) -> list:
     ]
 
 
+def probe(model: nn.Module, module: nn.Module) -> str | None:
+    """None when the hooked encoder `module` gives, on a random probe batch with padding,
+    the values it gives without the hooks at the valid positions (and zeros at the pads);
+    else why not. Packing moves each sentence to another place in a longer sequence, so an
+    encoder that derives positions or biases from its input's layout inside (rotary or
+    relative positions computed from the sequence length) fails it and stays padded."""
+    from transformers import masking_utils
+
+    param = next(module.parameters(), None)
+    width = getattr(model.config, "hidden_size", None)
+    if param is None or not isinstance(width, int):
+        return "no parameters or no config.hidden_size to build a probe input from"
+    lengths = (7, 4, 2)
+    padding = torch.zeros(len(lengths), lengths[0], dtype=torch.long, device=param.device)
+    for b, n in enumerate(lengths):
+        padding[b, :n] = 1
+    g = torch.Generator(device=param.device).manual_seed(0)
+    hidden = torch.randn(
+        *padding.shape, width, generator=g, device=param.device, dtype=torch.float32
+    ).to(param.dtype)
+    mask = hf.attention_mask(
+        batch_size=len(lengths),
+        q_length=lengths[0],
+        kv_length=lengths[0],
+        mask_function=masking_utils.bidirectional_mask_function,
+        attention_mask=padding,
+        device=param.device,
+    )
+    try:
+        with torch.no_grad():
+            ref = _last_hidden(module.forward(hidden, attention_mask=mask))  # no hooks
+            out = _last_hidden(module(hidden, attention_mask=mask))
+    except Exception as e:  # a forward that needs more than these two arguments
+        return f"the probe call failed: {type(e).__name__}: {e}"
+    valid = padding.bool()
+    if torch.count_nonzero(out[~valid]) != 0:
+        return "the probe call was not packed (see fastllm.unpad for the calls that stay padded)"
+    err = (out[valid].double() - ref[valid].double()).norm() / ref[valid].double().norm()
+    if not err <= PROBE_TOLERANCE:  # NaN fails too
+        return (
+            f"on a probe batch the packed encoder differs from the padded one (relative "
+            f"error {float(err):.2e} > {PROBE_TOLERANCE}): its layers depend on the layout "
+            "of the batch (positions computed inside the encoder?)"
+        )
+    return None
+
+
+# float rounding between the padded and the packed attention calls; a position computed
+# from the packed layout changes the values by far more
+PROBE_TOLERANCE = 1e-3
+
+
+def _last_hidden(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):  # a ModelOutput is a dict, not a tuple
+        return output[0]
+    return output["last_hidden_state"]
+
+
 _PASSED = ("hidden_states", "attention_mask")
 
 
@@ -194,9 +256,10 @@ def _scatter(module: nn.Module, args: tuple, kwargs: dict, output):
     packed = _argument(args, kwargs, 1, "attention_mask")
     if not isinstance(packed, PackedMask):
         return None
+    full = _repad(packed, _last_hidden(output))
     if isinstance(output, torch.Tensor):
-        return _repad(packed, output)
-    if isinstance(output, tuple):  # a ModelOutput is a dict, not a tuple
-        return (_repad(packed, output[0]), *output[1:])
-    output["last_hidden_state"] = _repad(packed, output["last_hidden_state"])
+        return full
+    if isinstance(output, tuple):
+        return (full, *output[1:])
+    output["last_hidden_state"] = full
     return output

@@ -222,3 +222,56 @@ def test_packed_mask_dense_form():
     seq = torch.tensor([0, 0, 2, 2, 2])
     assert torch.equal(m.dense(), (seq[:, None] == seq[None, :])[None, None])
     assert (m.q_len, m.kv_len, m.max_seqlen, m.causal) == (5, 5, 3, False)
+
+
+def test_an_encoder_whose_layers_depend_on_the_layout_stays_padded():
+    """Positions computed inside the encoder (here a pre-hook adding one per position, as
+    rotary or relative positions derived from the sequence length would) differ between the
+    packed and the padded batch: the probe finds it and the encoder is not hooked."""
+    model = _bert()
+
+    def add_positions(module, args):
+        pos = torch.arange(args[0].shape[1], dtype=args[0].dtype)
+        return (args[0] + 0.1 * pos[None, :, None], *args[1:])
+
+    model.encoder.layer[0].register_forward_pre_hook(add_positions)
+    fastllm.optimize(model, unpad=True)
+    entry = _entry(model)
+    assert entry.action == "skipped"
+    assert "depend on the layout of the batch" in entry.reason
+    assert not unpad.is_enabled(model.encoder)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "distilbert", "classifier"])
+def test_other_encoders(kind):
+    torch.manual_seed(0)
+    small = dict(vocab_size=120, max_position_embeddings=64)
+    if kind == "roberta":
+        cfg = transformers.RobertaConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+            **small,
+        )  # fmt: skip
+        model, name = transformers.RobertaModel(cfg), "encoder"
+    elif kind == "distilbert":
+        cfg = transformers.DistilBertConfig(dim=32, hidden_dim=48, n_layers=1, n_heads=2, **small)
+        model, name = transformers.DistilBertModel(cfg), "transformer"
+    else:
+        cfg = transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+            **small,
+        )  # fmt: skip
+        model, name = transformers.BertForSequenceClassification(cfg), "bert.encoder"
+    padded, packed = copy.deepcopy(model.eval()), model.eval()
+    fastllm.optimize(padded)
+    fastllm.optimize(packed, unpad=True)
+    assert (_entry(packed).name, _entry(packed).action) == (name, "swapped")
+    batch = _batch([13, 7, 3])
+    with torch.no_grad():
+        ref, out = padded(**batch), packed(**batch)
+    if kind == "classifier":  # pooled from the first token, valid in every sentence
+        assert rel_err(out.logits, ref.logits) < 1e-5
+    else:
+        valid = batch["attention_mask"].bool()
+        got, want = out.last_hidden_state, ref.last_hidden_state
+        assert rel_err(got[valid], want[valid]) < 1e-5
+        assert torch.count_nonzero(got[~valid]) == 0
