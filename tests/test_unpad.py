@@ -275,3 +275,19 @@ def test_other_encoders(kind):
         got, want = out.last_hidden_state, ref.last_hidden_state
         assert rel_err(got[valid], want[valid]) < 1e-5
         assert torch.count_nonzero(got[~valid]) == 0
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_packed_encoder():
+    """On a GPU the packed batch goes to the varlen attention kernels with its longest
+    sentence as max_seqlen (not the packed length)."""
+    padded, packed = (m.to("cuda", torch.bfloat16) for m in _pair())
+    batch = {k: v.cuda() for k, v in _batch([13, 5, 1, 8, 11]).items()}
+    with fastllm.backend.trace() as calls:
+        out = _hidden(packed, batch)
+    ref = _hidden(padded, batch)
+    valid = batch["attention_mask"].bool()
+    assert rel_err(out[valid], ref[valid]) < 1e-2
+    assert torch.count_nonzero(out[~valid]) == 0
+    served = {b for op, b in calls if op == "attention"}
+    assert served <= {"cuda", "triton"} and served, served
