@@ -125,10 +125,10 @@ def probe(model: nn.Module, module: nn.Module) -> str | None:
     relative positions computed from the sequence length) fails it and stays padded."""
     from transformers import masking_utils
 
-    param = next(module.parameters(), None)
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
     width = getattr(model.config, "hidden_size", None)
     if param is None or not isinstance(width, int):
-        return "no parameters or no config.hidden_size to build a probe input from"
+        return "no float parameter or no config.hidden_size to build a probe input from"
     lengths = (7, 4, 2)
     padding = torch.zeros(len(lengths), lengths[0], dtype=torch.long, device=param.device)
     for b, n in enumerate(lengths):

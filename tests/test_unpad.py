@@ -246,20 +246,15 @@ def test_an_encoder_whose_layers_depend_on_the_layout_stays_padded():
 def test_other_encoders(kind):
     torch.manual_seed(0)
     small = dict(vocab_size=120, max_position_embeddings=64)
+    bert_like = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=48, **small)  # fmt: skip
     if kind == "roberta":
-        cfg = transformers.RobertaConfig(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-            **small,
-        )  # fmt: skip
-        model, name = transformers.RobertaModel(cfg), "encoder"
+        model, name = transformers.RobertaModel(transformers.RobertaConfig(**bert_like)), "encoder"
     elif kind == "distilbert":
         cfg = transformers.DistilBertConfig(dim=32, hidden_dim=48, n_layers=1, n_heads=2, **small)
         model, name = transformers.DistilBertModel(cfg), "transformer"
     else:
-        cfg = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-            **small,
-        )  # fmt: skip
+        cfg = transformers.BertConfig(**bert_like)
         model, name = transformers.BertForSequenceClassification(cfg), "bert.encoder"
     padded, packed = copy.deepcopy(model.eval()), model.eval()
     fastllm.optimize(padded)
