@@ -501,6 +501,18 @@ def _bert(rank, world, minilm):
             b = one(**batch).last_hidden_state[valid]
             f = model(**batch).last_hidden_state[valid]
         check(kind, a, b, f, what)
+    # unpad=True on the sharded model: each rank packs the same tokens; the valid positions
+    # as without it, zeros at the pads
+    padded, packed = (fd.parallelize(copy.deepcopy(model)) for _ in range(2))
+    fastllm.optimize(padded, linear="w8a8", calibration=[batch])
+    fastllm.optimize(packed, linear="w8a8", calibration=[batch], unpad=True)
+    (entry,) = [e for e in fastllm.report(packed).layers if e.kind == "unpad"]
+    assert entry.action == "swapped", entry
+    with torch.no_grad():
+        a = packed(**batch).last_hidden_state
+        b = padded(**batch).last_hidden_state
+    assert rel(a[valid], b[valid]) <= EXACT
+    assert torch.count_nonzero(a[~valid]) == 0
 
 
 def test_bert_plan_small_bert():
