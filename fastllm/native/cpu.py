@@ -275,12 +275,13 @@ def supports_w8a16(x, w_int8, w_scale, bias=None) -> str | None:
     return device_reason(x, w_int8, w_scale, bias)
 
 
-# The kernel reads each int8 weight byte once and converts it in registers, for up to 4
-# rows of x at a time; the torch backend converts the weight to float (a block of rows at
-# a time) and calls F.linear, whose blocked matmul wins once M is large enough to reuse
-# each weight many times. Measured on a 2-core x86 CPU (N = K = 4096, fp32, 2 threads):
-# M = 1: 2.3 ms here, 2.8 ms torch backend, 4.6 ms fp32 F.linear; M = 4: 4.4, 7.9, 10.7 ms;
-# M = 16: 13.8, 11.0, 14.8 ms. So the automatic choice takes it up to this M.
+# The kernel reads each int8 weight byte once and converts it to float32, for up to 4
+# rows of x (or, for one row, 4 weight rows) at a time; the torch backend converts the
+# weight to float (a block of rows at a time) and calls F.linear, whose blocked matmul wins
+# once M is large enough to reuse each weight many times. Measured on a 2-core x86 CPU
+# (N = K = 4096, fp32, 2 threads): M = 4: 4.4 ms here, 7.9 ms torch backend, 10.7 ms fp32
+# F.linear; M = 16: 13.8, 11.0, 14.8 ms; M = 1 (the module, `fastllm bench int8`): 0.85,
+# 2.79, 3.75 ms. So the automatic choice takes it up to this M.
 W8A16_MAX_M = 8
 
 
