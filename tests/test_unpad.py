@@ -116,7 +116,7 @@ def _hooked_calls(model, batch, **kw):
      "training"],
 )  # fmt: skip
 def test_calls_that_stay_padded(case):
-    padded, packed = _pair(_bert, **{})
+    padded, packed = _pair()
     batch = _batch([13, 6, 2])
     kw = {}
     if case == "no padding":
