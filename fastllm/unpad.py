@@ -145,20 +145,22 @@ def probe(model: nn.Module, module: nn.Module) -> str | None:
         attention_mask=padding,
         device=param.device,
     )
+    valid = padding.bool()
     try:
         with torch.no_grad():
             ref = _last_hidden(module.forward(hidden, attention_mask=mask))  # no hooks
             out = _last_hidden(module(hidden, attention_mask=mask))
-    except Exception as e:  # a forward that needs more than these two arguments
+            packed = bool(torch.count_nonzero(out[~valid]) == 0)
+            diff = out[valid].double() - ref[valid].double()
+            err = float(diff.norm() / ref[valid].double().norm())
+    except Exception as e:  # a forward that needs more arguments, weights not in memory...
         return f"the probe call failed: {type(e).__name__}: {e}"
-    valid = padding.bool()
-    if torch.count_nonzero(out[~valid]) != 0:
+    if not packed:
         return "the probe call was not packed (see fastllm.unpad for the calls that stay padded)"
-    err = (out[valid].double() - ref[valid].double()).norm() / ref[valid].double().norm()
     if not err <= PROBE_TOLERANCE:  # NaN fails too
         return (
             f"on a probe batch the packed encoder differs from the padded one (relative "
-            f"error {float(err):.2e} > {PROBE_TOLERANCE}): its layers depend on the layout "
+            f"error {err:.2e} > {PROBE_TOLERANCE}): its layers depend on the layout "
             "of the batch (positions computed inside the encoder?)"
         )
     return None

@@ -286,3 +286,18 @@ def test_cuda_bf16_packed_encoder():
     assert torch.count_nonzero(out[~valid]) == 0
     served = {b for op, b in calls if op == "attention"}
     assert served <= {"cuda", "triton"} and served, served
+
+
+def test_a_probe_that_fails_leaves_the_encoder_padded():
+    model = _bert()
+
+    def fail(module, args):
+        raise RuntimeError("weights not in memory")
+
+    handle = model.encoder.layer[0].register_forward_pre_hook(fail)
+    fastllm.optimize(model, unpad=True)  # no error: the encoder stays as it was
+    handle.remove()
+    entry = _entry(model)
+    assert entry.action == "skipped"
+    assert entry.reason == "the probe call failed: RuntimeError: weights not in memory"
+    assert not unpad.is_enabled(model.encoder) and not model.encoder._forward_hooks
