@@ -473,15 +473,18 @@ def test_gpt2_conv1d_swapped():
     assert rel_err(out, ref) < 0.02
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["", "dynamic"])
 @pytest.mark.parametrize("linear", [None, "w8a8", "w8a16"])
-def test_compile_fullgraph_llama(linear):
-    # fullgraph=True: a graph break anywhere (fastllm's ops, the mask function) raises
+def test_compile_fullgraph_llama(linear, dynamic):
+    # fullgraph=True: a graph break anywhere (fastllm's ops, the mask function) raises;
+    # dynamic=True makes symbolic floats of the modules' float attributes (the attention
+    # scale, the norms' eps), which fastllm's argument checks must trace
     model = _llama()
     fastllm.optimize(model, linear=linear)
     ids = torch.randint(3, 128, (2, 12))
     padded, mask = _padded_ids()
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic)
     with torch.no_grad():
         ref = model(ids).logits
         out = compiled(ids).logits

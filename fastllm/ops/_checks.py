@@ -3,9 +3,18 @@ was expected."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_finite(x) -> bool:
+    """Whether the number x is finite (NaN is not). Written as comparisons, not
+    math.isfinite, so that it also traces on the symbolic float that torch.compile(
+    dynamic=True) makes of a module's float attribute (an attention scale, an eps)."""
+    return -math.inf < x < math.inf
 
 
 def _names(dtypes) -> str:

@@ -49,7 +49,6 @@ csrc/attention/attention_cpu.cpp, launched by fastllm/native/cpu.py.
 
 from __future__ import annotations
 
-import math
 from typing import Optional  # noqa: F401 - custom-op schemas read Optional[...] annotations
 
 import torch
@@ -59,7 +58,7 @@ from fastllm import backend, reference
 from fastllm.native import attention as native_attention
 from fastllm.native import cpu as native_cpu
 from fastllm.ops import _index
-from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, is_finite
 from fastllm.ops._eager import direct, shape_checks
 from fastllm.reference.attention import visible, weighted_values
 
@@ -556,7 +555,7 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 def _resolve_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not is_finite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     return float(scale)
 
@@ -593,7 +592,7 @@ def _resolve_softcap(softcap) -> float:
     if (
         isinstance(softcap, bool)
         or not isinstance(softcap, (int, float))
-        or not math.isfinite(softcap)
+        or not is_finite(softcap)
         or softcap < 0
     ):
         raise ValueError(f"softcap must be a finite float > 0 (or None/0 for off), got {softcap!r}")

@@ -4,15 +4,19 @@ GEMM) instead of a float tensor. Formulas: fastllm/reference/norm.py."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from fastllm import backend, reference
 from fastllm.native import cpu as native_cpu
 from fastllm.native import norm as native_norm
-from fastllm.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, rows_view
+from fastllm.ops._checks import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_tensor,
+    is_finite,
+    rows_view,
+)
 from fastllm.ops._eager import direct, shape_checks
 
 # --- backends ------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def _check(x, weight, bias, residual, smooth_scale, eps, quantize) -> None:
     if (
         isinstance(eps, bool)
         or not isinstance(eps, (int, float))
-        or not (math.isfinite(eps) and eps >= 0)
+        or not (is_finite(eps) and eps >= 0)
     ):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     check_same_device(x=x, weight=weight, bias=bias, residual=residual, smooth_scale=smooth_scale)
