@@ -32,8 +32,21 @@ tensor argument reaches the encoder (position_ids, encoder_hidden_states, positi
 embeddings: per-position inputs that would need packing too), a cache is passed, every
 layer's hidden states or attentions are asked for (`output_hidden_states`,
 `output_attentions`, in the call or in the config: they are collected per layer, in the
-padded shape), the module is in training mode, no token is valid, or inside
-torch.compile (the packed length depends on the data).
+padded shape), or the module is in training mode.
+
+Under torch.compile the encoder is packed as well. The packed length is a size that
+depends on the data, made by one op (`fastllm::unpad_index`; never 0 tokens: a batch
+without any valid token packs one and drops it): with fullgraph=True (or PyTorch's
+`torch._dynamo.config.capture_dynamic_output_shape_ops`) it stays in the graph and one
+graph serves every batch of a padded shape; otherwise PyTorch breaks the graph at that op
+(its default for such ops) and the hook runs eagerly between the compiled parts. The
+attention calls of a compiled graph get the padded length as their max_seqlen (the
+longest sentence is a value of the data); an eager call gets the longest sentence.
+PyTorch does not guard compiled graphs on module hooks by default
+(`torch._dynamo.config.skip_nnmodule_hook_guards`): a process that compiles the same
+architecture with and without unpad should set it to False, or each model may run the
+graph compiled first for the other (the same values at the valid positions, but the
+padded positions and the speed of the other).
 """
 
 from __future__ import annotations
@@ -195,7 +208,7 @@ def _has_tensor(value) -> bool:
 
 
 def _packable(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    if module.training or torch.compiler.is_compiling():
+    if module.training:
         return False
     config = getattr(module, "config", None)
     for flag in ("output_hidden_states", "output_attentions"):
@@ -226,17 +239,14 @@ def _pack(module: nn.Module, args: tuple, kwargs: dict):
     ):
         return None
     batch, seq_len, width = hidden.shape
-    # the key segments [pad before, valid, pad after] of each sequence (a bidirectional
-    # layer's queries are all of its positions)
-    before, valid, _ = mask.cu_seqlens_k.diff().view(batch, 3).long().unbind(1)
-    pos = torch.arange(seq_len, device=hidden.device)
-    keep = (pos >= before[:, None]) & (pos < (before + valid)[:, None])
-    index = keep.view(-1).nonzero().squeeze(1)
-    if index.numel() == 0:
-        return None
-    cu = torch.nn.functional.pad(valid.cumsum(0), (1, 0)).to(torch.int32)
-    packed = PackedMask(cu, int(valid.max()), index, batch, seq_len)
-    tokens = hidden.reshape(batch * seq_len, width).index_select(0, index).unsqueeze(0)
+    gather, scatter, cu = torch.ops.fastllm.unpad_index(mask.cu_seqlens_k, seq_len)
+    if torch.compiler.is_compiling():
+        # the longest sentence is a value of the data: the padded length bounds it
+        max_seqlen = seq_len
+    else:
+        max_seqlen = int(cu.diff().max())
+    packed = PackedMask(cu, max_seqlen, scatter, batch, seq_len)
+    tokens = hidden.reshape(batch * seq_len, width).index_select(0, gather).unsqueeze(0)
     args, kwargs = list(args), dict(kwargs)
     for position, name, value in ((0, "hidden_states", tokens), (1, "attention_mask", packed)):
         if len(args) > position:
@@ -246,11 +256,45 @@ def _pack(module: nn.Module, args: tuple, kwargs: dict):
     return tuple(args), kwargs
 
 
+@torch.library.custom_op("fastllm::unpad_index", mutates_args=())
+def _unpad_index(
+    cu_seqlens_k: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the valid tokens of a padded batch go, from the key segments [pad before,
+    valid, pad after] of each sequence of its SegmentMask (a bidirectional layer's queries
+    are all of its positions): (gather, scatter, cu_seqlens), gather and scatter int64
+    (tokens,) the valid positions in the flattened [batch * seq_len] batch, cu_seqlens
+    int32 (batch + 1,) the packed sequences. A batch without any valid token packs one
+    token all the same (position 0, counted in the last sequence) and scatters it to
+    position batch * seq_len, one past the batch, which _repad drops: the packed length is
+    never 0, which the compiled graphs rely on (a size that depends on the data, >= 1)."""
+    batch = (cu_seqlens_k.shape[0] - 1) // 3
+    before, valid, _ = cu_seqlens_k.diff().view(batch, 3).long().unbind(1)
+    pos = torch.arange(seq_len, device=cu_seqlens_k.device)
+    keep = (pos >= before[:, None]) & (pos < (before + valid)[:, None])
+    gather = keep.view(-1).nonzero().squeeze(1)
+    cu = torch.nn.functional.pad(valid.cumsum(0), (1, 0)).to(torch.int32)
+    if gather.numel() == 0:
+        gather = gather.new_zeros(1)
+        cu[-1] = 1
+        return gather, torch.full_like(gather, batch * seq_len), cu
+    return gather, gather.clone(), cu
+
+
+@_unpad_index.register_fake
+def _(cu_seqlens_k, seq_len):
+    tokens = torch.library.get_ctx().new_dynamic_size(min=1)
+    batch = (cu_seqlens_k.shape[0] - 1) // 3
+    index = cu_seqlens_k.new_empty((tokens,), dtype=torch.int64)
+    return index, torch.empty_like(index), cu_seqlens_k.new_empty((batch + 1,))
+
+
 def _repad(packed: PackedMask, out: torch.Tensor) -> torch.Tensor:
     width = out.shape[-1]
-    full = out.new_zeros(packed.batch * packed.seq_len, width)
+    rows = packed.batch * packed.seq_len
+    full = out.new_zeros(rows + 1, width)  # the last row: a batch without a valid token
     full.index_copy_(0, packed.index, out.reshape(-1, width))
-    return full.view(packed.batch, packed.seq_len, width)
+    return full[:rows].view(packed.batch, packed.seq_len, width)
 
 
 def _scatter(module: nn.Module, args: tuple, kwargs: dict, output):

@@ -112,8 +112,7 @@ def _hooked_calls(model, batch, **kw):
 
 @pytest.mark.parametrize(
     "case",
-    ["no padding", "no valid token", "position_ids", "output_hidden_states", "config flag",
-     "training"],
+    ["no padding", "position_ids", "output_hidden_states", "config flag", "training"],
 )  # fmt: skip
 def test_calls_that_stay_padded(case):
     padded, packed = _pair()
@@ -121,8 +120,6 @@ def test_calls_that_stay_padded(case):
     kw = {}
     if case == "no padding":
         batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
-    elif case == "no valid token":
-        batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
     elif case == "position_ids":
         kw["position_ids"] = torch.arange(13).expand(3, 13)
     elif case == "output_hidden_states":
@@ -207,13 +204,70 @@ def test_save_and_load_hook_the_encoder_again(tmp_path):
         fastllm.hf.FastllmConfig(unpad=1)
 
 
-def test_torch_compile_stays_padded():
-    padded, packed = _pair()
-    batch = _batch([13, 5, 9])
-    compiled = torch.compile(packed)
+def test_a_batch_with_no_valid_token_gives_zeros():
+    """One token is packed all the same (the packed length is never 0) and dropped."""
+    _, packed = _pair()
+    batch = _batch([0, 0, 0])
+    was_packed, out = _hooked_calls(packed, batch)
+    assert was_packed
+    assert out.last_hidden_state.shape == (3, 13, 64)
+    assert torch.count_nonzero(out.last_hidden_state) == 0
+
+
+def test_unpad_index():
+    # two sequences of 4 positions: [valid 3, pad 1] and [pad 1, valid 2, pad 1]
+    segments = torch.tensor([0, 3, 1, 1, 2, 1])
+    cu_k = torch.nn.functional.pad(segments.cumsum(0), (1, 0)).to(torch.int32)
+    gather, scatter, cu = torch.ops.fastllm.unpad_index(cu_k, 4)
+    assert gather.tolist() == scatter.tolist() == [0, 1, 2, 5, 6]
+    assert gather.dtype == torch.int64 and cu.dtype == torch.int32
+    assert cu.tolist() == [0, 3, 5]
+    # no valid token: position 0 packed as one token of the last sequence, scattered to
+    # one past the batch
+    gather, scatter, cu = torch.ops.fastllm.unpad_index(
+        torch.tensor([0, 0, 0, 4, 4, 4, 4], dtype=torch.int32), 4
+    )
+    assert (gather.tolist(), scatter.tolist(), cu.tolist()) == ([0], [8], [0, 0, 1])
+    torch.library.opcheck(torch.ops.fastllm.unpad_index.default, (cu_k, 4))
+
+
+@pytest.mark.parametrize(
+    "options, fullgraph, dynamic",
+    [
+        ({}, True, None),
+        ({"linear": "w8a8", "calibration": CALIB, "fuse": True}, True, None),
+        ({}, False, None),
+        ({}, True, True),
+    ],
+    ids=["float", "w8a8+fused", "float-graph-break", "float-dynamic"],
+)
+def test_torch_compile_packs(options, fullgraph, dynamic):
+    """Under torch.compile the encoder runs packed too: the packed length is a size that
+    depends on the data (fastllm::unpad_index), in the graph with fullgraph=True; without
+    it PyTorch's default breaks the graph there and the hook runs eagerly. Padded
+    positions are exact zeros only when the call was packed (the padded model computes
+    values there)."""
+    padded, packed = _pair(**options)
+    torch._dynamo.reset()  # every test compiles the same transformers code objects
+    compiled = torch.compile(packed, fullgraph=fullgraph, dynamic=dynamic)
+    batches = [
+        _batch([13, 5, 1, 8]),
+        _batch([4, 11, 7, 2], seed=1),
+        _batch([9, 3, 6], seq_len=9, left=True, seed=2),
+        _batch([0, 0, 0], seed=3),
+        _batch([13, 13], seed=4),  # no padding: stays padded
+    ]
     with torch.no_grad():
-        out = compiled(**batch).last_hidden_state
-    assert rel_err(out, _hidden(padded, batch)) < 1e-5  # the padded positions too
+        for batch in batches:
+            out = compiled(**batch).last_hidden_state
+            ref, eager = _hidden(padded, batch), _hidden(packed, batch)
+            valid = batch["attention_mask"].bool()
+            assert out.shape == ref.shape
+            assert torch.count_nonzero(out[~valid]) == 0
+            if valid.any():
+                assert valid.all() or torch.count_nonzero(ref[~valid]) > 0
+                assert rel_err(out[valid], eager[valid]) < 1e-5
+                assert rel_err(out[valid], ref[valid]) < 1e-5
 
 
 def test_packed_mask_dense_form():
