@@ -85,11 +85,32 @@ inline uint16_t float_to_half(float f) {
   return sign | static_cast<uint16_t>(mag >> 13);
 }
 
+// Inlined into the caller, so compiled for the caller's clone (a function whose hot loop
+// calls them is the one to mark FASTLLM_CPU_CLONES).
+#if defined(__GNUC__)
+#define FASTLLM_INLINE inline __attribute__((always_inline))
+#else
+#define FASTLLM_INLINE inline
+#endif
+
+// dst[0, n) = src[0, n) for float32 rows: whole vectors copied in registers, then the
+// rest (a short memcpy call per row costs more than the copy itself).
+[[maybe_unused]] FASTLLM_INLINE void copy_floats(const float* src, int64_t n, float* dst) {
+  constexpr int64_t V = 16;
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    float chunk[V];
+    std::memcpy(chunk, src + j, sizeof chunk);
+    std::memcpy(dst + j, chunk, sizeof chunk);
+  }
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
 // dst[j] = float(src[j]) for a row of float32/float16/bfloat16 (exact).
-[[maybe_unused]] FASTLLM_CPU_CLONES static void load_row(const void* src, DType dtype, int64_t n,
-                                                         float* dst) {
+[[maybe_unused]] FASTLLM_INLINE void load_row_inline(const void* src, DType dtype, int64_t n,
+                                                     float* dst) {
   if (dtype == DType::kFloat32) {
-    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    copy_floats(static_cast<const float*>(src), n, dst);
   } else if (dtype == DType::kBFloat16) {
     const uint16_t* x = static_cast<const uint16_t*>(src);
     for (int64_t j = 0; j < n; ++j) dst[j] = bf16_to_float(x[j]);
@@ -100,10 +121,10 @@ inline uint16_t float_to_half(float f) {
 }
 
 // dst[j] = src[j] cast to float32/float16/bfloat16 (round to nearest even).
-[[maybe_unused]] FASTLLM_CPU_CLONES static void store_row(const float* src, int64_t n, DType dtype,
-                                                          void* dst) {
+[[maybe_unused]] FASTLLM_INLINE void store_row_inline(const float* src, int64_t n, DType dtype,
+                                                      void* dst) {
   if (dtype == DType::kFloat32) {
-    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+    copy_floats(src, n, static_cast<float*>(dst));
   } else if (dtype == DType::kBFloat16) {
     uint16_t* y = static_cast<uint16_t*>(dst);
     for (int64_t j = 0; j < n; ++j) y[j] = float_to_bf16(src[j]);
@@ -111,6 +132,17 @@ inline uint16_t float_to_half(float f) {
     uint16_t* y = static_cast<uint16_t*>(dst);
     for (int64_t j = 0; j < n; ++j) y[j] = float_to_half(src[j]);
   }
+}
+
+// The same as functions of their own, for callers that are not clones.
+[[maybe_unused]] FASTLLM_CPU_CLONES static void load_row(const void* src, DType dtype, int64_t n,
+                                                         float* dst) {
+  load_row_inline(src, dtype, n, dst);
+}
+
+[[maybe_unused]] FASTLLM_CPU_CLONES static void store_row(const float* src, int64_t n, DType dtype,
+                                                          void* dst) {
+  store_row_inline(src, n, dtype, dst);
 }
 
 // Work below this many elements runs on the calling thread: starting the other threads

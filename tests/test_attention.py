@@ -320,6 +320,42 @@ def test_cpu_kernel_is_chosen_for_short_varlen_sequences():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="fastllm._C (C++ CPU kernels) is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernel_many_short_sequences(dtype, threads):
+    # a batch of many short sequences, the kernel's case: with query blocks enough for
+    # every thread, one task takes all the heads of its block; each sequence's rows are
+    # those it gets alone (one task per head), bit for bit, and the reference's
+    torch.manual_seed(3)
+    lengths = torch.randint(0, 24, (21,)).tolist()
+    cu = torch.tensor([0] + lengths).cumsum(0).int()
+    q = _rand(sum(lengths), 6, 40, dtype=dtype)
+    k, v = _rand(sum(lengths), 3, 40, dtype=dtype), _rand(sum(lengths), 3, 40, dtype=dtype)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths),
+              max_seqlen_k=max(lengths), return_lse=True)  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for causal, window in ((False, None), (True, None), (False, (4, 1))):
+            out, lse = _run("cpu", fastllm.ops.attention, q, k, v, causal=causal,
+                            window=window, **kw)  # fmt: skip
+            left, right = window or (-1, -1)
+            ref, ref_lse = _ref(q, k, v, causal=causal, window_left=left, window_right=right,
+                                cu_seqlens_q=cu, cu_seqlens_k=cu)  # fmt: skip
+            _check(out, ref, dtype, f"causal {causal} window {window}")
+            _check_lse(lse, ref_lse)
+            for b in (0, lengths.index(max(lengths))):
+                rows = slice(int(cu[b]), int(cu[b + 1]))
+                alone, alone_lse = _run("cpu", fastllm.ops.attention, q[None, rows],
+                                        k[None, rows], v[None, rows], causal=causal,
+                                        window=window, return_lse=True)  # fmt: skip
+                assert torch.equal(alone[0], out[rows])
+                assert torch.equal(alone_lse[0], lse[:, rows])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="fastllm._C (C++ CPU kernels) is not built")
 def test_cpu_kernel_clamps_unvalidated_cu_seqlens():
     # validate=False (or torch.compile) skips the cu_seqlens checks: bad values may give
     # wrong rows but the kernel stays inside the packed tensors

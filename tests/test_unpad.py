@@ -340,6 +340,11 @@ def test_cuda_bf16_packed_encoder():
     assert torch.count_nonzero(out[~valid]) == 0
     served = {b for op, b in calls if op == "attention"}
     assert served <= {"cuda", "triton"} and served, served
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(packed, fullgraph=True)(**batch).last_hidden_state
+    assert rel_err(compiled[valid], out[valid]) < 1e-2
+    assert torch.count_nonzero(compiled[~valid]) == 0
 
 
 def test_a_probe_that_fails_leaves_the_encoder_padded():

@@ -5,7 +5,8 @@
 //
 // Built for many short sequences (a padded batch of sentences as varlen segments),
 // where PyTorch pays a call per sequence: here one call covers the batch. Tasks are
-// (sequence, q head, block of BLOCK_Q query rows), spread over PyTorch's OpenMP threads.
+// (sequence, block of BLOCK_Q query rows, q head), or all the q heads of the block when
+// blocks alone keep the threads busy, spread over PyTorch's OpenMP threads.
 // A task copies its queries, its keys (transposed) and its values to float32 buffers
 // padded to whole register tiles, then
 //
@@ -36,7 +37,7 @@ constexpr int64_t BLOCK_Q = 64;  // query rows per task: the K/V copies serve al
 // p[j] = exp(x[j] - m) for x[j] <= m, as exp(r) * 2^k with x - m = k ln2 + r, |r| <= ln2/2:
 // a degree-7 Taylor polynomial (relative error below 1e-8 there), the power of two built
 // in the exponent bits. Underflow (x - m < -87) gives 0.
-FASTLLM_CPU_CLONES void exp_shifted(const float* x, float m, int64_t n, float* p) {
+FASTLLM_INLINE void exp_shifted(const float* x, float m, int64_t n, float* p) {
   for (int64_t j = 0; j < n; ++j) {
     float t = x[j] - m;
     const bool tiny = t < -87.0f;
@@ -61,7 +62,7 @@ FASTLLM_CPU_CLONES void exp_shifted(const float* x, float m, int64_t n, float* p
 // would have to keep the sequential order), folded at the end.
 constexpr int LANES = 16;
 
-FASTLLM_CPU_CLONES float sum_of(const float* x, int64_t n) {
+FASTLLM_INLINE float sum_of(const float* x, int64_t n) {
   float lanes[LANES] = {};
   int64_t j = 0;
   for (; j + LANES <= n; j += LANES) {
@@ -73,7 +74,7 @@ FASTLLM_CPU_CLONES float sum_of(const float* x, int64_t n) {
   return total;
 }
 
-FASTLLM_CPU_CLONES float max_of(const float* x, int64_t n) {
+FASTLLM_INLINE float max_of(const float* x, int64_t n) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float lanes[LANES];
   for (int l = 0; l < LANES; ++l) lanes[l] = neg_inf;
@@ -100,8 +101,8 @@ typedef float TileRow __attribute__((vector_size(TILE_C * sizeof(float))));
 // C [R, C] = A [R, K] @ B [K, C] (row-major, row strides K, C and C), TILE_R x TILE_C at a
 // time with the tile in registers: per k, one row piece of B times TILE_R scalars of A.
 // R and C are multiples of the tile (the buffers are zero-padded to them).
-FASTLLM_CPU_CLONES void matmul_tiles(const float* a, const float* b, int64_t R, int64_t K,
-                                     int64_t C, float* c) {
+FASTLLM_INLINE void matmul_tiles(const float* a, const float* b, int64_t R, int64_t K,
+                                 int64_t C, float* c) {
   static_assert(TILE_R == 4, "the loop below holds four rows");
   for (int64_t i0 = 0; i0 < R; i0 += TILE_R) {
     const float* a0 = a + i0 * K;
@@ -125,8 +126,8 @@ FASTLLM_CPU_CLONES void matmul_tiles(const float* a, const float* b, int64_t R, 
 }
 
 // s[j] = scale * s[j] where lo <= first + j < hi, -inf elsewhere (the row's mask)
-FASTLLM_CPU_CLONES void mask_and_scale(float* s, int64_t n, int64_t first, int64_t lo,
-                                       int64_t hi, float scale) {
+FASTLLM_INLINE void mask_and_scale(float* s, int64_t n, int64_t first, int64_t lo,
+                                   int64_t hi, float scale) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) {
     const int64_t key = first + j;
@@ -134,15 +135,28 @@ FASTLLM_CPU_CLONES void mask_and_scale(float* s, int64_t n, int64_t first, int64
   }
 }
 
-FASTLLM_CPU_CLONES void scale_row(float* x, int64_t n, float f) {
+// the cache lines of `bytes` bytes from p, for the next head's task (addresses as integers:
+// p may lie past the tensor, which a prefetch does not touch)
+FASTLLM_INLINE void prefetch_row(const char* p, int64_t bytes) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(start + static_cast<uintptr_t>(off)));
+  }
+}
+
+FASTLLM_INLINE void zero(float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = 0.0f;
+}
+
+FASTLLM_INLINE void scale_row(float* x, int64_t n, float f) {
   for (int64_t j = 0; j < n; ++j) x[j] *= f;
 }
 
 // One row of scores s (keys first .. first + n - 1; the row sees [lo, hi), lo < hi) to
 // probabilities p (may be s itself): masked, scaled, softcapped, exp(s - max). Returns
 // the row's log-sum-exp and sets *inv to 1 / sum p.
-float softmax_row(float* s, int64_t n, int64_t first, int64_t lo, int64_t hi, float scale,
-                  float softcap, float* p, float* inv) {
+FASTLLM_INLINE float softmax_row(float* s, int64_t n, int64_t first, int64_t lo, int64_t hi,
+                                 float scale, float softcap, float* p, float* inv) {
   mask_and_scale(s, n, first, lo, hi, scale);
   if (softcap > 0.0f) {
     for (int64_t j = lo - first; j < hi - first; ++j) s[j] = softcap * std::tanh(s[j] / softcap);
@@ -159,16 +173,15 @@ float softmax_row(float* s, int64_t n, int64_t first, int64_t lo, int64_t hi, fl
 // overflowed token) would poison rows that do not see it. So when a task's values are not
 // all finite, each row's output is recomputed over its own keys only, o = sum p[j] v[j]
 // for lo <= j < hi (IEEE rules there: a key the row sees with an inf value gives inf).
-bool all_finite(const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(x[i])) return false;
-  }
-  return true;
+FASTLLM_INLINE bool all_finite(const float* x, int64_t n) {
+  int bad = 0;  // no early exit: the loop vectorizes (NaN fails the comparison too)
+  for (int64_t i = 0; i < n; ++i) bad |= !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
+  return bad == 0;
 }
 
 // o[0..D) = sum over j in [lo, hi) of p[j] * v[j * dp + d]
-void pv_row(const float* p, const float* v, int64_t dp, int64_t lo, int64_t hi, int64_t D,
-            float* o) {
+FASTLLM_INLINE void pv_row(const float* p, const float* v, int64_t dp, int64_t lo, int64_t hi,
+                           int64_t D, float* o) {
   for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
   for (int64_t j = lo; j < hi; ++j) {
     for (int64_t d = 0; d < D; ++d) o[d] += p[j] * v[j * dp + d];
@@ -176,8 +189,8 @@ void pv_row(const float* p, const float* v, int64_t dp, int64_t lo, int64_t hi, 
 }
 
 // One range of keys [lo, hi) per query row, from the window rule of attention.h.
-void key_range(int64_t pos, int64_t seqlen_k, int window_left, int window_right, int64_t& lo,
-               int64_t& hi) {
+FASTLLM_INLINE void key_range(int64_t pos, int64_t seqlen_k, int window_left, int window_right,
+                              int64_t& lo, int64_t& hi) {
   lo = window_left >= 0 ? pos - window_left : 0;
   hi = window_right >= 0 ? pos + window_right + 1 : seqlen_k;
   lo = lo < 0 ? 0 : lo;
@@ -185,15 +198,15 @@ void key_range(int64_t pos, int64_t seqlen_k, int window_left, int window_right,
 }
 
 struct Task {
-  int64_t b, h, q0;  // sequence, q head, first query row of the block
+  int64_t b, h, q0;  // sequence, (first) q head, first query row of the block
 };
 
 struct Scratch {  // per thread, reused across tasks
   std::vector<float> q, kt, v, s, o, row, inv, p;
 };
 
-void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q, int64_t len_k,
-              int64_t tok_q, int64_t tok_k, Scratch& w) {
+FASTLLM_CPU_CLONES void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q,
+                                 int64_t len_k, int64_t tok_q, int64_t tok_k, Scratch& w) {
   const int64_t D = a.head_dim;
   const int64_t kv_head = t.h / (a.heads_q / a.heads_kv);
   const int64_t rows = len_q - t.q0 < BLOCK_Q ? len_q - t.q0 : BLOCK_Q;
@@ -220,9 +233,11 @@ void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q, i
   // padded sizes of the tiles: rows to TILE_R, keys and head_dim to TILE_C
   const int64_t rp = round_up(rows, TILE_R), np = round_up(n > 0 ? n : 1, TILE_C);
   const int64_t dp = round_up(D, TILE_C);
-  w.q.assign(static_cast<size_t>(rp * dp), 0.0f);
-  w.kt.assign(static_cast<size_t>(dp * np), 0.0f);
-  w.v.assign(static_cast<size_t>(np * dp), 0.0f);
+  // the buffers are written where the data goes and zeroed only in their padding (for a
+  // short sequence, zeroing them whole was a visible part of the task)
+  w.q.resize(static_cast<size_t>(rp * dp));
+  w.kt.resize(static_cast<size_t>(dp * np));
+  w.v.resize(static_cast<size_t>(np * dp));
   w.s.resize(static_cast<size_t>(rp * np));
   w.o.resize(static_cast<size_t>(rp * dp));
   w.row.resize(static_cast<size_t>(dp));
@@ -231,16 +246,29 @@ void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q, i
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t q_off =
         t.b * a.q_stride_b + (tok_q + t.q0 + r) * a.q_stride_s + t.h * a.q_stride_h;
-    cpu::load_row(qb + q_off * esize, dtype, D, w.q.data() + r * dp);
+    if (t.h + 1 < a.heads_q) prefetch_row(qb + (q_off + a.q_stride_h) * esize, D * esize);
+    cpu::load_row_inline(qb + q_off * esize, dtype, D, w.q.data() + r * dp);
+    zero(w.q.data() + r * dp + D, dp - D);
   }
+  zero(w.q.data() + rows * dp, (rp - rows) * dp);
   const int64_t k_off = t.b * a.k_stride_b + tok_k * a.k_stride_s + kv_head * a.k_stride_h;
   const int64_t v_off = t.b * a.v_stride_b + tok_k * a.v_stride_s + kv_head * a.v_stride_h;
+  const bool next_kv = kv_head + 1 < a.heads_kv;
   for (int64_t j = 0; j < n; ++j) {
-    cpu::load_row(kb + (k_off + (first + j) * a.k_stride_s) * esize, dtype, D, w.row.data());
+    if (next_kv) {
+      prefetch_row(kb + (k_off + (first + j) * a.k_stride_s + a.k_stride_h) * esize, D * esize);
+      prefetch_row(vb + (v_off + (first + j) * a.v_stride_s + a.v_stride_h) * esize, D * esize);
+    }
+    cpu::load_row_inline(kb + (k_off + (first + j) * a.k_stride_s) * esize, dtype, D,
+                         w.row.data());
     for (int64_t d = 0; d < D; ++d) w.kt[d * np + j] = w.row[d];  // K transposed
-    cpu::load_row(vb + (v_off + (first + j) * a.v_stride_s) * esize, dtype, D,
-                  w.v.data() + j * dp);
+    float* v_row = w.v.data() + j * dp;
+    cpu::load_row_inline(vb + (v_off + (first + j) * a.v_stride_s) * esize, dtype, D, v_row);
+    zero(v_row + D, dp - D);
   }
+  for (int64_t d = 0; d < D; ++d) zero(w.kt.data() + d * np + n, np - n);
+  zero(w.kt.data() + D * np, (dp - D) * np);
+  zero(w.v.data() + n * dp, (np - n) * dp);
 
   matmul_tiles(w.q.data(), w.kt.data(), rp, dp, np, w.s.data());  // q . k for every pair
   for (int64_t r = 0; r < rp; ++r) {
@@ -272,14 +300,15 @@ void run_task(const PrefillArgs& a, DType dtype, const Task& t, int64_t len_q, i
     scale_row(o, D, w.inv[r]);
     const int64_t o_off =
         t.b * a.o_stride_b + (tok_q + t.q0 + r) * a.o_stride_s + t.h * a.o_stride_h;
-    cpu::store_row(o, D, dtype, ob + o_off * esize);
+    cpu::store_row_inline(o, D, dtype, ob + o_off * esize);
   }
 }
 
 // One decode task: sequence b, kv head kvh, and the q_len x group query rows that share
 // it (row r: token r / group, q head kvh * group + r % group), against the cache's first
 // len_k keys. Keys are copied as rows (S^T = K Q^T needs no transpose), values as rows.
-void run_decode_task(const DecodeArgs& a, DType dtype, int64_t b, int64_t kvh, Scratch& w) {
+FASTLLM_CPU_CLONES void run_decode_task(const DecodeArgs& a, DType dtype, int64_t b, int64_t kvh,
+                                        Scratch& w) {
   const int64_t D = a.head_dim, group = a.heads_q / a.heads_kv;
   const int64_t R = static_cast<int64_t>(a.q_len) * group;
   const int32_t* seqlens = reinterpret_cast<const int32_t*>(a.cache_seqlens);
@@ -320,8 +349,8 @@ void run_decode_task(const DecodeArgs& a, DType dtype, int64_t b, int64_t kvh, S
 
   for (int64_t r = 0; r < R; ++r) {
     const int64_t t = r / group, h = kvh * group + r % group;
-    cpu::load_row(qb + (b * a.q_stride_b + t * a.q_stride_s + h * a.q_stride_h) * esize, dtype, D,
-                  w.row.data());
+    cpu::load_row_inline(qb + (b * a.q_stride_b + t * a.q_stride_s + h * a.q_stride_h) * esize,
+                         dtype, D, w.row.data());
     for (int64_t d = 0; d < D; ++d) w.q[d * rc + r] = w.row[d];
   }
   for (int64_t j = 0; j < n; ++j) {
@@ -337,8 +366,8 @@ void run_decode_task(const DecodeArgs& a, DType dtype, int64_t b, int64_t kvh, S
       k_off = b * a.k_stride_b + key * a.k_stride_s + kvh * a.k_stride_h;
       v_off = b * a.v_stride_b + key * a.v_stride_s + kvh * a.v_stride_h;
     }
-    cpu::load_row(kb + k_off * esize, dtype, D, w.kt.data() + j * D);
-    cpu::load_row(vb + v_off * esize, dtype, D, w.v.data() + j * dp);
+    cpu::load_row_inline(kb + k_off * esize, dtype, D, w.kt.data() + j * D);
+    cpu::load_row_inline(vb + v_off * esize, dtype, D, w.v.data() + j * dp);
   }
 
   matmul_tiles(w.kt.data(), w.q.data(), n4, D, rc, w.s.data());  // S^T = K Q^T
@@ -362,8 +391,8 @@ void run_decode_task(const DecodeArgs& a, DType dtype, int64_t b, int64_t kvh, S
              D, o);
     }
     scale_row(o, D, w.inv[r]);
-    cpu::store_row(o, D, dtype,
-                   ob + (b * a.o_stride_b + t * a.o_stride_s + h * a.o_stride_h) * esize);
+    cpu::store_row_inline(o, D, dtype,
+                          ob + (b * a.o_stride_b + t * a.o_stride_s + h * a.o_stride_h) * esize);
   }
 }
 
@@ -439,12 +468,22 @@ const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int thre
     start = lo;
     len = hi - lo;
   };
-  // tasks: (sequence, head, block of query rows); sequences without queries have none
+  // tasks: (sequence, block of query rows, heads); sequences without queries have none.
+  // With blocks enough to keep every thread busy, a task takes all the heads of its
+  // block: the heads of a token lie side by side in memory, so one task reads whole
+  // rows of q, k and v instead of each thread a slice of every row.
+  int64_t blocks = 0;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    int64_t tok_q = 0, len_q = a.seqlen_q;
+    if (varlen) segment(cu_q, b, a.total_q, tok_q, len_q);
+    blocks += (len_q + BLOCK_Q - 1) / BLOCK_Q;
+  }
+  const int64_t group = blocks >= 4 * static_cast<int64_t>(threads) ? a.heads_q : 1;
   std::vector<Task> tasks;
   for (int64_t b = 0; b < a.batch; ++b) {
     int64_t tok_q = 0, len_q = a.seqlen_q;
     if (varlen) segment(cu_q, b, a.total_q, tok_q, len_q);
-    for (int64_t h = 0; h < a.heads_q; ++h) {
+    for (int64_t h = 0; h < a.heads_q; h += group) {
       for (int64_t q0 = 0; q0 < len_q; q0 += BLOCK_Q) tasks.push_back({b, h, q0});
     }
   }
@@ -459,9 +498,11 @@ const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int thre
     // packed tensors: the batch stride is 0 and the token offset carries the sequence
     PrefillArgs p = a;
     if (varlen) p.q_stride_b = p.k_stride_b = p.v_stride_b = p.o_stride_b = p.lse_stride_b = 0;
-    run_task(p, dtype, t, len_q, len_k, tok_q, tok_k, w);
+    for (int64_t h = t.h; h < t.h + group; ++h) {
+      run_task(p, dtype, {t.b, h, t.q0}, len_q, len_k, tok_q, tok_k, w);
+    }
   };
-  const int64_t work = n_tasks * BLOCK_Q * a.head_dim;
+  const int64_t work = n_tasks * group * BLOCK_Q * a.head_dim;
   run_tasks(n_tasks, work, threads, task);
   if (varlen) fill_uncovered_rows(a, dtype, cu_q, segment);
   return nullptr;
