@@ -229,6 +229,7 @@ def _pack(module: nn.Module, args: tuple, kwargs: dict):
     if (
         not isinstance(hidden, torch.Tensor)
         or hidden.dim() != 3
+        or hidden.shape[0] * hidden.shape[1] == 0  # no position at all
         or type(mask) is not hf.SegmentMask
         or mask.cu_seqlens_k is None
         or mask.causal
@@ -286,7 +287,7 @@ def _(cu_seqlens_k, seq_len):
     tokens = torch.library.get_ctx().new_dynamic_size(min=1)
     batch = (cu_seqlens_k.shape[0] - 1) // 3
     index = cu_seqlens_k.new_empty((tokens,), dtype=torch.int64)
-    return index, torch.empty_like(index), cu_seqlens_k.new_empty((batch + 1,))
+    return index, torch.empty_like(index), cu_seqlens_k.new_empty((batch + 1,), dtype=torch.int32)
 
 
 def _repad(packed: PackedMask, out: torch.Tensor) -> torch.Tensor:

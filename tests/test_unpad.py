@@ -214,6 +214,16 @@ def test_a_batch_with_no_valid_token_gives_zeros():
     assert torch.count_nonzero(out.last_hidden_state) == 0
 
 
+def test_a_batch_without_positions_stays_as_it_is():
+    model = _bert()
+    fastllm.optimize(model, unpad=True)
+    for batch, seq_len in ((0, 5), (2, 0)):
+        hidden = torch.zeros(batch, seq_len, 64)
+        cu = torch.zeros(3 * batch + 1, dtype=torch.int32)
+        mask = fastllm.hf.SegmentMask(cu, cu, seq_len, seq_len, False, -1)
+        assert unpad._pack(model.encoder, (hidden, mask), {}) is None
+
+
 def test_unpad_index():
     # two sequences of 4 positions: [valid 3, pad 1] and [pad 1, valid 2, pad 1]
     segments = torch.tensor([0, 3, 1, 1, 2, 1])
