@@ -312,7 +312,10 @@ def test_cpu_kernel_is_chosen_for_short_varlen_sequences():
     x, kw = varlen(30)
     fastllm.ops.attention(x, x, x, **kw)
     assert fastllm.last_backend("attention") == "cpu"
-    x, kw = varlen(200)
+    x, kw = varlen(192, heads=4, head_dim=64)
+    fastllm.ops.attention(x, x, x, **kw)
+    assert fastllm.last_backend("attention") == "cpu"
+    x, kw = varlen(193)
     fastllm.ops.attention(x, x, x, **kw)
     assert fastllm.last_backend("attention") == "torch"
     _run("cpu", fastllm.ops.attention, x, x, x, **kw)  # forced, the kernel serves it

@@ -328,17 +328,16 @@ def supports_attention(
     return None
 
 
-# The kernel's gain is one call for a batch of short sequences, where the torch backend
-# calls SDPA once per sequence (~0.1 ms of overhead each on the CPU). Measured on a
-# 2-core x86 CPU (bench/bench_attention.py, fp32): a padded batch of 8 sentences of up
-# to 30 tokens, 12 heads of 32: 0.32 ms here against 0.87 ms (torch backend) and 0.49 ms
-# (one SDPA call on the padded batch with a mask); 16 sequences of 16 tokens, 12 heads
-# of 64: 1.8x the torch backend, but 0.88x at 32 tokens. Dense calls and long sequences
-# are PyTorch's: its blocked SDPA runs 1.5-2x more FLOP/s than the row blocks here. So
-# the automatic choice takes the kernel for varlen calls whose longest query and key
-# sequences, times head_dim and heads, stay within this budget (MiniLM's 30 tokens,
-# 12 heads of 32: 345,600); forced, it serves any call.
-ATTENTION_MAX_WORK = 600_000
+# The kernel's gain is one call for a batch of sequences, where the torch backend calls
+# SDPA once per sequence (~0.1 ms of overhead each on the CPU); PyTorch's blocked SDPA
+# runs more FLOP/s on long sequences. Measured on a 2-core x86 CPU (2 threads, fp32,
+# varlen batches with lengths from L/2 to L, against the torch backend): at L = 128
+# 1.7-2.0x faster (B = 4 and 16, 12 heads of 64; 16 heads of 64), at L = 160-192
+# 1.1-1.7x (B = 1, 2, 8; heads x head_dim from 12 x 32 to 32 x 128), at L = 256 0.96-1.34x,
+# at L = 512 0.63-0.96x; the crossover goes with the length, not with heads x head_dim.
+# So the automatic choice takes the kernel for varlen calls whose longest query and key
+# sequences stay within this length; forced, it serves any call.
+ATTENTION_MAX_SEQLEN = 192
 
 
 def prefer_attention(
@@ -346,11 +345,10 @@ def prefer_attention(
 ) -> str | None:
     if cu_q is None:
         return "slower than SDPA on a dense batch (PyTorch takes it in one call)"
-    work = int(mq) * int(mk) * q.shape[-1] * q.shape[-2]
-    if work > ATTENTION_MAX_WORK:
+    if max(int(mq), int(mk)) > ATTENTION_MAX_SEQLEN:
         return (
-            f"sequences of up to {int(mq)} queries x {int(mk)} keys, {q.shape[-2]} heads of "
-            f"{q.shape[-1]} ({work} > {ATTENTION_MAX_WORK}): SDPA per sequence is faster"
+            f"sequences of up to {int(mq)} queries x {int(mk)} keys (> {ATTENTION_MAX_SEQLEN}): "
+            "SDPA per sequence is faster"
         )
     return None
 
