@@ -52,6 +52,7 @@ fresh process for each setting of SETTINGS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
@@ -647,7 +648,12 @@ def sweep(args) -> list[dict]:
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
             continue
-        results.append(json.loads(out.stdout))
+        try:
+            results.append(json.loads(out.stdout))
+        except json.JSONDecodeError:
+            print(f"no JSON from the {setting} run; its output began {out.stdout[:300]!r}",
+                  file=sys.stderr)  # fmt: skip
+            continue
         print(table(results[-1]), file=sys.stderr, flush=True)
     return results
 
@@ -723,8 +729,14 @@ def main(argv=None) -> int:
         results = sweep(args)
         print(json.dumps(results, indent=1) if args.json else sweep_table(results))
         return 0 if results else 1
-    result = measure(args)
-    print(json.dumps(result, indent=1) if args.json else table(result))
+    if args.json:
+        # only the JSON on stdout: the runtimes' own progress output (NNCF's progress
+        # bars write to stdout when it is not a terminal) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = measure(args)
+        print(json.dumps(result, indent=1))
+        return 0
+    print(table(measure(args)))
     return 0
 
 

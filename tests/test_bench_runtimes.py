@@ -119,3 +119,19 @@ def test_quick_run(tmp_path):
     assert rows["ort-fp32"]["cos_min"] > 0.999  # the exported float model is the same model
     assert rows["pytorch-fp32"]["x_fp32"] == 1.0
     assert "ort-fp32" in br.table(result)
+
+
+def test_json_output_is_only_json(monkeypatch, capsys):
+    # --json (what --sweep reads from each fresh process): whatever the runtimes print on
+    # stdout while the contenders are built (NNCF's progress bars do) goes to stderr
+    import json
+
+    def measure(args):
+        print("Statistics collection 100%")
+        return {"setting": args.setting, "rows": []}
+
+    monkeypatch.setattr(br, "measure", measure)
+    assert br.main(["--json", "--contenders", "pytorch-fp32"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"setting": "as started", "rows": []}
+    assert "Statistics collection" in out.err
