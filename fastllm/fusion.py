@@ -84,7 +84,8 @@ def activation_name(m: nn.Module, device) -> str | None:
     return None
 
 
-def _rel_error(got, want) -> float:
+def rel_error(got, want) -> float:
+    """||got - want|| / ||want|| (Frobenius), in float32."""
     got, want = got.float(), want.float()
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
@@ -104,7 +105,7 @@ def _probe(original: nn.Module, fused, inputs) -> str | None:
         return f"{type(original).__name__} does not return one tensor"
     if got.shape != want.shape:
         return f"output shape {tuple(got.shape)} differs from {tuple(want.shape)} on a probe input"
-    err = _rel_error(got, want)
+    err = rel_error(got, want)
     if not err <= _TOLERANCE[dtype]:
         return (
             f"output differs from {type(original).__name__}'s on a probe input "

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from fastllm import hf
+from fastllm.fusion import rel_error
 
 
 class PackedMask(hf.SegmentMask):
@@ -164,8 +165,7 @@ def probe(model: nn.Module, module: nn.Module) -> str | None:
             ref = _last_hidden(module.forward(hidden, attention_mask=mask))  # no hooks
             out = _last_hidden(module(hidden, attention_mask=mask))
             packed = bool(torch.count_nonzero(out[~valid]) == 0)
-            diff = out[valid].double() - ref[valid].double()
-            err = float(diff.norm() / ref[valid].double().norm())
+            err = rel_error(out[valid], ref[valid])
     except Exception as e:  # a forward that needs more arguments, weights not in memory...
         return f"the probe call failed: {type(e).__name__}: {e}"
     if not packed:

@@ -62,6 +62,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def tiny_bert(**config):
+    """A random 2-layer BertModel of width 64 (4 heads, MLP 112) in eval mode, seeded;
+    `config` overrides or adds BertConfig fields (vocab_size defaults to 100)."""
+    import transformers
+
+    torch.manual_seed(0)
+    fields = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=112)  # fmt: skip
+    return transformers.BertModel(transformers.BertConfig(**{**fields, **config})).eval()
+
+
 def poison_empty(monkeypatch) -> None:
     """Make torch.empty return garbage (NaN for floats, 99 for int8, -7 for other ints) so
     that output elements a kernel forgot to write show up in the comparison."""

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, tiny_bert
 from torch import nn
 
 import fastllm
@@ -27,15 +27,7 @@ def _ids(vocab=100, shape=(3, 9), seed=0):
 
 
 def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=112,
-    )
-    return transformers.BertModel(cfg).eval()
+    return tiny_bert()
 
 
 def _llama():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cpu_default, rel_err
+from conftest import cpu_default, rel_err, tiny_bert
 
 import fastllm
 from fastllm import unpad
@@ -16,17 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _bert(**kw):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=120,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=112,
-        max_position_embeddings=64,
-        **kw,
-    )
-    return transformers.BertModel(cfg).eval()
+    return tiny_bert(vocab_size=120, max_position_embeddings=64, **kw)
 
 
 def _batch(lengths, seq_len=13, left=False, seed=0):

@@ -472,20 +472,17 @@ const char* attention_prefill_cpu(const PrefillArgs& a, int dtype_code, int thre
   // With blocks enough to keep every thread busy, a task takes all the heads of its
   // block: the heads of a token lie side by side in memory, so one task reads whole
   // rows of q, k and v instead of each thread a slice of every row.
-  int64_t blocks = 0;
+  std::vector<Task> blocks;  // head 0 of each block
   for (int64_t b = 0; b < a.batch; ++b) {
     int64_t tok_q = 0, len_q = a.seqlen_q;
     if (varlen) segment(cu_q, b, a.total_q, tok_q, len_q);
-    blocks += (len_q + BLOCK_Q - 1) / BLOCK_Q;
+    for (int64_t q0 = 0; q0 < len_q; q0 += BLOCK_Q) blocks.push_back({b, 0, q0});
   }
-  const int64_t group = blocks >= 4 * static_cast<int64_t>(threads) ? a.heads_q : 1;
+  const int64_t group =
+      static_cast<int64_t>(blocks.size()) >= 4 * static_cast<int64_t>(threads) ? a.heads_q : 1;
   std::vector<Task> tasks;
-  for (int64_t b = 0; b < a.batch; ++b) {
-    int64_t tok_q = 0, len_q = a.seqlen_q;
-    if (varlen) segment(cu_q, b, a.total_q, tok_q, len_q);
-    for (int64_t h = 0; h < a.heads_q; h += group) {
-      for (int64_t q0 = 0; q0 < len_q; q0 += BLOCK_Q) tasks.push_back({b, h, q0});
-    }
+  for (const Task& block : blocks) {
+    for (int64_t h = 0; h < a.heads_q; h += group) tasks.push_back({block.b, h, block.q0});
   }
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   auto task = [&](int64_t i, Scratch& w) {
